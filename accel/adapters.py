@@ -1,0 +1,178 @@
+"""Class-keyed registry: what the plug-ins need to know about each denoiser architecture.
+
+    >>> from accel.adapters import get_adapter
+    >>> from pipelines.tiny import build_tiny
+    >>> model = build_tiny("pixart").transformer
+    >>> adapter = get_adapter(model)
+    >>> [slot.name for slot in adapter.slots(model)][:3]
+    ['transformer_blocks.0.attn1', 'transformer_blocks.0.attn2', 'transformer_blocks.0.ff']
+
+A new architecture is one :func:`register_adapter` call, not a new code path.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """One ``nn.ModuleList`` of blocks in a denoiser.
+
+    Args:
+        attr: attribute name of the list on the model (``"transformer_blocks"``).
+        components: cacheable sub-module names of each block, in flatten order; a block whose
+            attribute is ``None`` (SD3's last ``ff_context``) simply lacks that component.
+        self_attention: names of the self-attention modules of each block.
+        cross_attention: names of the cross-attention modules of each block.
+        hidden_states_index / encoder_hidden_states_index: where the block's forward returns the
+            image/video stream and the text stream (``None`` when it returns a single tensor).
+    """
+
+    attr: str
+    components: tuple[str, ...]
+    self_attention: tuple[str, ...] = ()
+    cross_attention: tuple[str, ...] = ()
+    hidden_states_index: int | None = None
+    encoder_hidden_states_index: int | None = None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One cacheable (block, component) pair."""
+
+    group: str
+    block: int
+    component: str
+    module: torch.nn.Module = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}.{self.block}.{self.component}"
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """What the core knows about one denoiser class.
+
+    Args:
+        model_class: the diffusers model class.
+        groups: its block lists, in model order.
+        timestep_arg: name of the forward argument that carries the timestep.
+        timestep_scale: factor from the value the pipeline passes to scheduler units (Flux's
+            pipelines pass ``t / 1000``).
+    """
+
+    model_class: type
+    groups: tuple[BlockGroup, ...]
+    timestep_arg: str = "timestep"
+    timestep_scale: float = 1.0
+
+    def blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        out = []
+        for group in self.groups:
+            for i, block in enumerate(getattr(model, group.attr)):
+                out.append((f"{group.attr}.{i}", block))
+        return out
+
+    def slots(self, model: torch.nn.Module, components: tuple[str, ...] | None = None) -> list[Slot]:
+        """Every (block, component) slot in flatten order: groups, then blocks, then components."""
+        out = []
+        for group in self.groups:
+            for i, block in enumerate(getattr(model, group.attr)):
+                for name in group.components:
+                    module = getattr(block, name, None)
+                    if module is None or (components is not None and name not in components):
+                        continue
+                    out.append(Slot(group.attr, i, name, module))
+        return out
+
+    def self_attention_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        out = []
+        for group in self.groups:
+            for i, block in enumerate(getattr(model, group.attr)):
+                for name in group.self_attention:
+                    module = getattr(block, name, None)
+                    if module is not None:
+                        out.append((f"{group.attr}.{i}.{name}", module))
+        return out
+
+    def component_names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for group in self.groups:
+            names.extend(c for c in group.components if c not in names)
+        return tuple(names)
+
+    def timestep_from(self, args: tuple, kwargs: dict) -> torch.Tensor | float | None:
+        if self.timestep_arg in kwargs:
+            return kwargs[self.timestep_arg]
+        index = _positional_index(self.model_class, self.timestep_arg)
+        return args[index] if index is not None and index < len(args) else None
+
+
+def _positional_index(cls: type, arg: str) -> int | None:
+    params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+    return params.index(arg) if arg in params else None
+
+
+_REGISTRY: dict[type, ModelAdapter] = {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    """Register ``adapter`` for its model class (and subclasses). Returns it."""
+    _REGISTRY[adapter.model_class] = adapter
+    return adapter
+
+
+def supported_classes() -> list[str]:
+    return sorted(cls.__name__ for cls in _REGISTRY)
+
+
+def get_adapter(model: torch.nn.Module) -> ModelAdapter:
+    """The adapter for ``model``'s class, or :class:`UnsupportedModelError` naming it."""
+    for cls in type(model).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not supported; supported model classes: {', '.join(supported_classes())}"
+    )
+
+
+def _register_builtin() -> None:
+    from diffusers import (
+        CogVideoXTransformer3DModel,
+        FluxTransformer2DModel,
+        HunyuanVideoTransformer3DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        WanTransformer3DModel,
+    )
+
+    register_adapter(ModelAdapter(PixArtTransformer2DModel, (
+        BlockGroup("transformer_blocks", ("attn1", "attn2", "ff"), ("attn1",), ("attn2",), 0, None),
+    )))
+    register_adapter(ModelAdapter(FluxTransformer2DModel, (
+        BlockGroup("transformer_blocks", ("attn", "ff", "ff_context"), ("attn",), (), 1, 0),
+        BlockGroup("single_transformer_blocks", ("attn", "proj_mlp", "proj_out"), ("attn",), (), 1, 0),
+    ), timestep_scale=1000.0))
+    register_adapter(ModelAdapter(SD3Transformer2DModel, (
+        BlockGroup("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), ("attn", "attn2"), (), 1, 0),
+    )))
+    register_adapter(ModelAdapter(WanTransformer3DModel, (
+        BlockGroup("blocks", ("attn1", "attn2", "ffn"), ("attn1",), ("attn2",), 0, None),
+    )))
+    register_adapter(ModelAdapter(CogVideoXTransformer3DModel, (
+        BlockGroup("transformer_blocks", ("attn1", "ff"), ("attn1",), (), 0, 1),
+    )))
+    register_adapter(ModelAdapter(HunyuanVideoTransformer3DModel, (
+        BlockGroup("transformer_blocks", ("attn", "ff", "ff_context"), ("attn",), (), 0, 1),
+        BlockGroup("single_transformer_blocks", ("attn", "proj_mlp", "proj_out"), ("attn",), (), 0, 1),
+    )))
+
+
+_register_builtin()

@@ -1,0 +1,232 @@
+"""``apply`` / ``remove`` / ``applied`` / ``applying`` / ``reset`` / ``stats``: the one public entry point.
+
+    >>> import accel
+    >>> from caching import StaticCacheConfig
+    >>> from pipelines.tiny import build_tiny
+    >>> pipe = build_tiny("pixart")
+    >>> accel.apply(pipe, StaticCacheConfig(interval=2)) is pipe
+    True
+    >>> accel.applied(pipe)
+    [StaticCacheConfig(interval=2, warmup_steps=0, components=None)]
+    >>> accel.remove(pipe)   # outputs are bit-identical to never having applied anything
+    >>> with accel.applying(pipe, StaticCacheConfig(interval=3)):
+    ...     _ = pipe("a red circle", **pipe.tiny_call_kwargs)
+
+A plug-in is a config class registered with :func:`register_plugin` and an installer that puts
+named hooks on the denoiser and returns a handle with ``remove()`` (and optionally ``stats()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import _compat
+from .adapters import ModelAdapter, get_adapter, supported_classes
+from .errors import ConfigError, UnsupportedModelError
+from .steps import TRACKER_HOOK, StepTracker
+
+Installer = Callable[[torch.nn.Module, Any, StepTracker, ModelAdapter], Any]
+_PLUGINS: dict[type, tuple[str, Installer]] = {}
+
+
+def register_plugin(config_cls: type, kind: str | None = None):
+    """Decorator: register ``installer(model, config, tracker, adapter) -> handle`` for ``config_cls``.
+
+    ``kind`` is ``"cache"`` (at most one per model) or ``"attention"`` (stackable with one cache);
+    it defaults to ``config_cls.kind``.
+    """
+
+    def wrap(installer: Installer) -> Installer:
+        _PLUGINS[config_cls] = (kind or getattr(config_cls, "kind", "cache"), installer)
+        return installer
+
+    return wrap
+
+
+@dataclass
+class _State:
+    tracker: StepTracker
+    installed: list[tuple[Any, Any]] = field(default_factory=list)  # (config, handle)
+    created: set[int] = field(default_factory=set)  # modules whose hook registry we created
+
+
+def _resolve(target) -> tuple[torch.nn.Module, Any]:
+    """(denoiser, scheduler or None) for a pipeline or a bare denoiser."""
+    if isinstance(target, torch.nn.Module):
+        return target, None
+    model = getattr(target, "transformer", None)
+    if isinstance(model, torch.nn.Module):
+        return model, getattr(target, "scheduler", None)
+    if isinstance(getattr(target, "unet", None), torch.nn.Module):
+        raise UnsupportedModelError(
+            f"{type(target).__name__} has a UNet denoiser ({type(target.unet).__name__}), which is not "
+            f"supported; supported model classes: {', '.join(supported_classes())}"
+        )
+    raise UnsupportedModelError(
+        f"cannot find a denoiser in {type(target).__name__}: pass a diffusers pipeline with a `transformer` "
+        f"or the model itself; supported model classes: {', '.join(supported_classes())}"
+    )
+
+
+def _kind_of(config) -> str:
+    for cls in type(config).__mro__:
+        if cls in _PLUGINS:
+            return _PLUGINS[cls][0]
+    raise ConfigError(
+        f"{type(config).__name__} is not a plug-in config; known configs: "
+        f"{', '.join(sorted(c.__name__ for c in _PLUGINS))}"
+    )
+
+
+def _installer_of(config) -> Installer:
+    for cls in type(config).__mro__:
+        if cls in _PLUGINS:
+            return _PLUGINS[cls][1]
+    raise AssertionError("validated before")
+
+
+def _validate(model: torch.nn.Module, state: _State | None, configs: tuple) -> None:
+    if _compat.diffusers_cache_enabled(model):
+        raise ConfigError(
+            f"{type(model).__name__} already has diffusers' own cache enabled "
+            f"({type(model._cache_config).__name__}); call `disable_cache()` first, or pass that config "
+            f"to accel.apply instead"
+        )
+    kinds = [_kind_of(c) for c in configs]
+    if state is not None:
+        kinds += [_kind_of(c) for c, _ in state.installed]
+    for kind in ("cache", "attention"):
+        if kinds.count(kind) > 1:
+            present = [type(c).__name__ for c in configs if _kind_of(c) == kind]
+            if state is not None:
+                present = [type(c).__name__ for c, _ in state.installed if _kind_of(c) == kind] + present
+            raise ConfigError(
+                f"at most one {kind} plug-in per model, got {', '.join(present)}; "
+                f"call accel.remove() first to switch methods"
+            )
+
+
+def _registry_less(model: torch.nn.Module) -> set[int]:
+    return {id(m) for m in model.modules() if not _compat.has_hook_registry(m)}
+
+
+def _put_tracker_on_top(model: torch.nn.Module, tracker: StepTracker) -> None:
+    """The tracker must be the outermost hook so it sets the step before any other hook runs."""
+    registry = _compat.registry_of(model)
+    if TRACKER_HOOK in registry.hooks:
+        if registry._hook_order[-1] == TRACKER_HOOK:
+            return
+        registry.remove_hook(TRACKER_HOOK, recurse=False)
+    registry.register_hook(tracker, TRACKER_HOOK)
+
+
+def apply(target, *configs):
+    """Apply plug-in ``configs`` to a diffusers pipeline or its denoiser; returns ``target``.
+
+    Atomic: on any error nothing stays installed and the target's outputs are unchanged.
+    Raises :class:`UnsupportedModelError` for an unknown model class and :class:`ConfigError` for
+    invalid or conflicting configs.
+    """
+    model, scheduler = _resolve(target)
+    adapter = get_adapter(model)
+    state: _State | None = getattr(model, "_accel_state", None)
+    _validate(model, state, configs)
+    if not configs:
+        return target
+
+    fresh = state is None
+    lacking = _registry_less(model)
+    if fresh:
+        state = _State(StepTracker(adapter))
+    added: list[tuple[Any, Any]] = []
+    try:
+        if fresh:
+            model._accel_state = state
+        if scheduler is not None:
+            state.tracker.attach_scheduler(scheduler)
+        for config in configs:
+            handle = _installer_of(config)(model, config, state.tracker, adapter)
+            added.append((config, handle))
+            state.installed.append((config, handle))
+        _put_tracker_on_top(model, state.tracker)
+        state.created |= lacking - _registry_less(model)
+        _compat.invalidate_registry_caches(model)
+        state.tracker.request_reset()
+    except BaseException:
+        for item in reversed(added):
+            item[1].remove()
+            state.installed.remove(item)
+        state.created |= lacking - _registry_less(model)
+        if fresh:
+            _teardown(model, state)
+        raise
+    return target
+
+
+def _teardown(model: torch.nn.Module, state: _State) -> None:
+    if _compat.has_hook_registry(model) and TRACKER_HOOK in model._diffusers_hook.hooks:
+        model._diffusers_hook.remove_hook(TRACKER_HOOK, recurse=False)
+    state.tracker.detach_scheduler()
+    _compat.invalidate_registry_caches(model)
+    _compat.drop_empty_registries(model, state.created)
+    if "_accel_state" in vars(model):
+        del model._accel_state
+
+
+def remove(target) -> None:
+    """Remove every plug-in applied to ``target``; afterwards outputs are bit-identical to plain."""
+    model, _ = _resolve(target)
+    state: _State | None = getattr(model, "_accel_state", None)
+    if state is None:
+        return
+    for _, handle in reversed(state.installed):
+        handle.remove()
+    state.installed.clear()
+    _teardown(model, state)
+
+
+def applied(target) -> list:
+    """The configs currently applied to ``target``, in the order they were applied."""
+    model, _ = _resolve(target)
+    state = getattr(model, "_accel_state", None)
+    return [] if state is None else [c for c, _ in state.installed]
+
+
+@contextlib.contextmanager
+def applying(target, *configs):
+    """``with accel.applying(pipe, cfg): ...`` applies on entry and removes *those* configs on exit.
+
+    Plug-ins that were applied before entering stay applied.
+    """
+    before = applied(target)
+    apply(target, *configs)
+    try:
+        yield target
+    finally:
+        remove(target)
+        if before:
+            apply(target, *before)
+
+
+def reset(target, num_inference_steps: int | None = None) -> None:
+    """Start a new generation at the next denoiser call (for a bare model driven by your own loop)."""
+    model, _ = _resolve(target)
+    state = getattr(model, "_accel_state", None)
+    if state is None:
+        raise ConfigError(f"nothing is applied to {type(model).__name__}; call accel.apply first")
+    state.tracker.request_reset(num_inference_steps)
+
+
+def stats(target) -> dict[str, int]:
+    """Counters of the last generation summed over the applied plug-ins (e.g. ``component_calls``)."""
+    model, _ = _resolve(target)
+    state = getattr(model, "_accel_state", None)
+    out: dict[str, int] = {}
+    for _, handle in [] if state is None else state.installed:
+        for key, value in (handle.stats() if hasattr(handle, "stats") else {}).items():
+            out[key] = out.get(key, 0) + value
+    return out

@@ -1,0 +1,112 @@
+"""The component-output reuse hook shared by StaticCache and ECAD.
+
+    >>> import accel
+    >>> from caching import StaticCacheConfig
+    >>> from pipelines.tiny import build_tiny
+    >>> pipe = accel.apply(build_tiny("pixart"), StaticCacheConfig(interval=2))
+    >>> _ = pipe("a red circle", **pipe.tiny_call_kwargs)
+    >>> accel.stats(pipe)["component_calls"], accel.stats(pipe)["component_reused"]
+    (12, 12)
+
+One :class:`ComponentReuseHook` sits on each cacheable sub-module (PixArt ``attn1``/``attn2``/``ff``,
+Wan ``attn1``/``attn2``/``ffn`` …). On a call it asks its ``decide(step, slot)`` function whether to
+recompute; when told to reuse it returns the raw output stored at the last computation in the same
+cache context (CFG branch), so the block re-applies the *current* step's adaLN gates and residual.
+It recomputes anyway when nothing is cached yet or the input's shape changed (batch size, tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import _compat
+from .adapters import Slot
+from .steps import StepTracker
+
+REUSE_HOOK = "accel_component_reuse"
+
+
+@dataclass
+class ReuseCounters:
+    computed: int = 0
+    reused: int = 0
+
+
+def _shape_key(args: tuple, kwargs: dict):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.shape
+    return None
+
+
+class ComponentReuseHook(_compat.ModelHook):
+    """Reuse a component's output when ``decide(step, slot_index)`` returns False."""
+
+    _is_stateful = True
+
+    def __init__(self, tracker: StepTracker, slot_index: int, decide: Callable[[int, int], bool],
+                 counters: ReuseCounters):
+        super().__init__()
+        self.tracker = tracker
+        self.slot_index = slot_index
+        self.decide = decide
+        self.counters = counters
+        self.cache: dict[str, tuple] = {}  # context name -> (input shape, output)
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        key = self.tracker.context_name
+        entry = self.cache.get(key)
+        shape = _shape_key(args, kwargs)
+        if entry is not None and entry[0] == shape and not self._should_compute():
+            self.counters.reused += 1
+            return entry[1]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.cache[key] = (shape, output)
+        self.counters.computed += 1
+        return output
+
+    @torch.compiler.disable
+    def _should_compute(self) -> bool:
+        return bool(self.decide(self.tracker.step, self.slot_index))
+
+    def reset_state(self, module):
+        self.cache.clear()
+        return module
+
+
+class ReuseInstaller:
+    """Installs one :class:`ComponentReuseHook` per slot; ``remove()`` takes them all off again."""
+
+    def __init__(self, tracker: StepTracker, slots: list[Slot], decide: Callable[[int, int], bool]):
+        self.counters = ReuseCounters()
+        self.hooks: list[tuple[torch.nn.Module, ComponentReuseHook]] = []
+        try:
+            for index, slot in enumerate(slots):
+                hook = ComponentReuseHook(tracker, index, decide, self.counters)
+                _compat.registry_of(slot.module).register_hook(hook, REUSE_HOOK)
+                self.hooks.append((slot.module, hook))
+        except Exception:
+            self.remove()
+            raise
+        tracker.listeners.append(self.reset)
+        self._tracker = tracker
+
+    def reset(self) -> None:
+        """Start of a generation: drop cached outputs; counters then describe this generation."""
+        self.counters.computed = self.counters.reused = 0
+        for _, hook in self.hooks:
+            hook.cache.clear()
+
+    def remove(self) -> None:
+        for module, _ in self.hooks:
+            module._diffusers_hook.remove_hook(REUSE_HOOK, recurse=False)
+        self.hooks.clear()
+        tracker = getattr(self, "_tracker", None)
+        if tracker is not None and self.reset in tracker.listeners:
+            tracker.listeners.remove(self.reset)
+
+    def stats(self) -> dict:
+        return {"component_calls": self.counters.computed, "component_reused": self.counters.reused}
