@@ -1,0 +1,281 @@
+"""Benchmark harness: baseline, diffusers peers and our configs on the same seeds, in one process.
+
+    >>> from accel.bench import BenchEntry, run_bench, write_results
+    >>> from caching import StaticCacheConfig
+    >>> from pipelines.tiny import build_tiny
+    >>> pipe = build_tiny("pixart")
+    >>> result = run_bench(pipe, [BenchEntry("static-2", (StaticCacheConfig(interval=2),))],
+    ...                    prompts=["a red circle", "a blue square"], call_kwargs=pipe.tiny_call_kwargs,
+    ...                    runs=3, progress=False)
+    >>> print(result["table"])  # doctest: +SKIP
+
+Protocol (DESIGN § 6): quality = mean over the prompts of PSNR/SSIM against the baseline output of
+the same seed, plus any extra scorers (plain callables ``f(outputs, prompts) -> float``, e.g. a
+reference model's evaluator accuracy); speed = median end-to-end wall time over ``runs`` timed runs
+after ``warmup`` runs, rounds interleaved (baseline, then each method) so drift hits all alike;
+speedup = baseline median / method median. Denoiser-only time is reported beside it, and the
+fraction of component computations skipped is counted by probes inside each cacheable component,
+so it is the same measure for our plug-ins and diffusers' own caches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import api, metrics
+from .adapters import get_adapter
+
+Scorer = Callable[[list, list], float]
+
+
+@dataclass
+class BenchEntry:
+    """One row of the table: a name and the configs to apply (empty = baseline)."""
+
+    name: str
+    configs: tuple = ()
+    peer: bool = False  # a diffusers built-in, run through accel.apply like ours
+    settings: dict = field(default_factory=dict)  # what to print about it (e.g. {"interval": 2})
+
+
+def hardware() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_cores": os.cpu_count(),
+        "cpu_model": platform.processor() or "unknown",
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import diffusers
+        import transformers
+
+        info["diffusers"], info["transformers"] = diffusers.__version__, transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _outputs(result):
+    out = getattr(result, "images", None)
+    return out if out is not None else result.frames
+
+
+class _Probe:
+    """Counts denoiser wall time and calls of the first ``Linear`` inside every cacheable component."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.handles = model, []
+        self.component_calls = 0
+        self.denoiser_seconds = 0.0
+        self._t0 = 0.0
+        for slot in get_adapter(model).slots(model):
+            leaf = next((m for m in slot.module.modules() if isinstance(m, torch.nn.Linear)), None)
+            if leaf is not None:
+                self.handles.append(leaf.register_forward_hook(self._count))
+        self.handles.append(model.register_forward_pre_hook(self._start))
+        self.handles.append(model.register_forward_hook(self._stop))
+
+    def _count(self, *_):
+        self.component_calls += 1
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _start(self, *_):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_):
+        self._sync()
+        self.denoiser_seconds += time.perf_counter() - self._t0
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _generate(pipe, prompt, seed, call_kwargs, probe=None):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = _outputs(pipe(prompt, generator=generator, **call_kwargs))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+
+
+def run_bench(pipe, entries: list[BenchEntry], prompts: list[str], call_kwargs: dict | None = None, *,
+              runs: int = 5, warmup: int = 1, seed: int = 0, scorers: dict[str, Scorer] | None = None,
+              progress: bool = True, suite: str = "custom", notes: str = "") -> dict:
+    """Run the protocol and return the result dict (``rows``, ``hardware``, ``table`` …)."""
+    if runs < 1 or not prompts:
+        raise ValueError("need runs >= 1 and at least one prompt")
+    call_kwargs = dict(call_kwargs or {})
+    call_kwargs.setdefault("output_type", "pt")
+    for key in ("progress_bar_config",):
+        call_kwargs.pop(key, None)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    scorers = scorers or {}
+    model = pipe.transformer
+    baseline = BenchEntry("baseline")
+    all_entries = [baseline, *entries]
+    total = len(all_entries) * (len(prompts) + warmup + runs)
+    bar = _progress(total, progress, f"bench {suite}")
+
+    rows: dict[str, dict] = {}
+    references: list = []
+    probe = _Probe(model)
+    try:
+        for entry in all_entries:  # quality pass
+            with api.applying(pipe, *entry.configs):
+                outs, calls = [], []
+                for i, prompt in enumerate(prompts):
+                    probe.component_calls = 0
+                    out, _ = _generate(pipe, prompt, seed + i, call_kwargs)
+                    outs.append(out)
+                    calls.append(probe.component_calls)
+                    bar.update()
+                for _ in range(warmup):
+                    _generate(pipe, prompts[0], seed, call_kwargs)
+                    bar.update()
+            if entry is baseline:
+                references = outs
+            row = {"name": entry.name, "peer": entry.peer, "settings": entry.settings,
+                   "configs": [type(c).__name__ for c in entry.configs],
+                   "component_calls": sum(calls) / len(calls)}
+            row["psnr"] = statistics.fmean(metrics.psnr(o, r) for o, r in zip(outs, references))
+            row["ssim"] = statistics.fmean(metrics.ssim(o, r) for o, r in zip(outs, references))
+            for name, scorer in scorers.items():
+                row[name] = float(scorer(outs, prompts))
+            rows[entry.name] = row
+
+        times = {e.name: [] for e in all_entries}
+        den_times = {e.name: [] for e in all_entries}
+        for _ in range(runs):  # interleaved timing rounds
+            for entry in all_entries:
+                with api.applying(pipe, *entry.configs):
+                    probe.denoiser_seconds = 0.0
+                    _, seconds = _generate(pipe, prompts[0], seed, call_kwargs)
+                times[entry.name].append(seconds)
+                den_times[entry.name].append(probe.denoiser_seconds)
+                bar.update()
+    finally:
+        probe.close()
+        bar.close()
+
+    base = rows["baseline"]
+    base["latency_s"] = statistics.median(times["baseline"])
+    base["denoiser_s"] = statistics.median(den_times["baseline"])
+    for entry in all_entries:
+        row = rows[entry.name]
+        row["latency_s"] = statistics.median(times[entry.name])
+        row["latency_all_s"] = times[entry.name]
+        row["denoiser_s"] = statistics.median(den_times[entry.name])
+        row["speedup"] = base["latency_s"] / row["latency_s"]
+        row["denoiser_speedup"] = base["denoiser_s"] / row["denoiser_s"] if row["denoiser_s"] else math.nan
+        row["skipped_fraction"] = 1.0 - row["component_calls"] / max(base["component_calls"], 1)
+
+    result = {
+        "suite": suite,
+        "notes": notes,
+        "hardware": hardware(),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "model_class": type(model).__name__,
+        "pipeline_class": type(pipe).__name__,
+        "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "prompts": list(prompts),
+        "runs": runs,
+        "warmup": warmup,
+        "seed": seed,
+        "scorers": sorted(scorers),
+        "rows": list(rows.values()),
+    }
+    result["table"] = markdown_table(result)
+    return result
+
+
+def _fmt(value, digits=2):
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞ (identical)"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(result: dict) -> str:
+    extra = result.get("scorers", [])
+    head = ["method", "latency (s)", "speedup", "denoiser (s)", "denoiser speedup", "PSNR (dB)", "SSIM",
+            "skipped", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        name = row["name"] + (" (diffusers)" if row.get("peer") else "")
+        cells = [name, _fmt(row["latency_s"], 4), f"{row['speedup']:.3f}×", _fmt(row["denoiser_s"], 4),
+                 f"{row['denoiser_speedup']:.3f}×", _fmt(row["psnr"]), _fmt(row["ssim"], 4),
+                 f"{100 * row['skipped_fraction']:.1f}%", *(_fmt(row.get(k), 3) for k in extra)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(result: dict, out_dir: str | os.PathLike = "benchmarks/results", command: str = "") -> Path:
+    """Write ``SUITE.json`` and ``SUITE.md``; returns the JSON path. PSNR ``null`` = identical output."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = dict(result, command=command)
+    path = out_dir / f"{result['suite']}.json"
+    path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    hw = result["hardware"]
+    md = [
+        f"# Benchmark `{result['suite']}`", "",
+        f"Command: `{command}`" if command else "",
+        f"Model: {result['pipeline_class']} / {result['model_class']}, {result['dtype']} on {result['device']}; "
+        f"{hw.get('gpu') or hw['cpu_model']} ({hw['cpu_cores']} cores); torch {hw['torch']}, "
+        f"diffusers {hw.get('diffusers')}.",
+        f"{len(result['prompts'])} prompts for quality; median of {result['runs']} timed runs after "
+        f"{result['warmup']} warm-up; speedups are ratios within this run.",
+        "", result["table"], "",
+    ]
+    if result.get("notes"):
+        md += [result["notes"], ""]
+    (out_dir / f"{result['suite']}.md").write_text("\n".join(md))
+    return path

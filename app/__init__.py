@@ -1,0 +1,1 @@
+"""User-facing applications: the ``accel`` command (and, later, the Gradio app)."""
