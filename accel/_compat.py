@@ -74,17 +74,20 @@ def hook_names_under(module: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def drop_empty_registries(module: torch.nn.Module, created: set[int]) -> None:
-    """Delete the ``_diffusers_hook`` attributes we created that are now empty.
+    """Undo what hook registration leaves behind once a registry is empty.
 
-    Removing a module's last hook leaves its original bound ``forward`` as an instance attribute;
-    we delete that too, so the module is exactly as it was before we touched it.
+    Delete the ``_diffusers_hook`` attributes we created; and since removing a module's last hook
+    leaves its original bound ``forward`` as an instance attribute, delete that too wherever no
+    hook remains, so every module is exactly as it was before we touched it.
     """
     for sub in module.modules():
-        if id(sub) in created and has_hook_registry(sub) and not sub._diffusers_hook.hooks:
+        if not has_hook_registry(sub) or sub._diffusers_hook.hooks:
+            continue
+        if id(sub) in created:
             del sub._diffusers_hook
-            forward = vars(sub).get("forward")
-            if getattr(forward, "__func__", None) is type(sub).forward and forward.__self__ is sub:
-                del sub.forward
+        forward = vars(sub).get("forward")
+        if getattr(forward, "__func__", None) is type(sub).forward and forward.__self__ is sub:
+            del sub.forward
 
 
 def invalidate_registry_caches(module: torch.nn.Module) -> None:

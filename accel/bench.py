@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import api, metrics
+from . import _compat, api, metrics
 from .adapters import get_adapter
 
 Scorer = Callable[[list, list], float]
@@ -81,23 +81,37 @@ def _outputs(result):
     return out if out is not None else result.frames
 
 
-class _Probe:
-    """Counts denoiser wall time and calls of the first ``Linear`` inside every cacheable component."""
+PROBE_HOOK = "accel_bench_probe"
+
+
+class _CountHook(_compat.ModelHook):
+    def __init__(self, probe: "ComputeProbe"):
+        super().__init__()
+        self.probe = probe
+
+    def new_forward(self, module, *args, **kwargs):
+        self.probe.component_calls += 1
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class ComputeProbe:
+    """Counts real computations of every cacheable component, and the denoiser's wall time.
+
+    Create it *before* applying plug-ins: its counting hook then sits innermost on each component,
+    so it fires only when the component really runs, whichever plug-in (ours, or diffusers' PAB,
+    FirstBlockCache …) decided to skip it. ``close()`` leaves the model as it found it.
+    """
 
     def __init__(self, model: torch.nn.Module):
-        self.model, self.handles = model, []
+        self.model = model
         self.component_calls = 0
         self.denoiser_seconds = 0.0
         self._t0 = 0.0
-        for slot in get_adapter(model).slots(model):
-            leaf = next((m for m in slot.module.modules() if isinstance(m, torch.nn.Linear)), None)
-            if leaf is not None:
-                self.handles.append(leaf.register_forward_hook(self._count))
-        self.handles.append(model.register_forward_pre_hook(self._start))
-        self.handles.append(model.register_forward_hook(self._stop))
-
-    def _count(self, *_):
-        self.component_calls += 1
+        self._modules = [slot.module for slot in get_adapter(model).slots(model)]
+        self._created = {id(m) for m in self._modules if not _compat.has_hook_registry(m)}
+        for module in self._modules:
+            _compat.registry_of(module).register_hook(_CountHook(self), PROBE_HOOK)
+        self._handles = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._stop)]
 
     def _sync(self):
         if torch.cuda.is_available():
@@ -112,8 +126,11 @@ class _Probe:
         self.denoiser_seconds += time.perf_counter() - self._t0
 
     def close(self):
-        for h in self.handles:
-            h.remove()
+        for module in self._modules:
+            module._diffusers_hook.remove_hook(PROBE_HOOK, recurse=False)
+        _compat.drop_empty_registries(self.model, self._created)
+        for handle in self._handles:
+            handle.remove()
 
 
 def _generate(pipe, prompt, seed, call_kwargs, probe=None):
@@ -154,7 +171,7 @@ def run_bench(pipe, entries: list[BenchEntry], prompts: list[str], call_kwargs: 
 
     rows: dict[str, dict] = {}
     references: list = []
-    probe = _Probe(model)
+    probe = ComputeProbe(model)
     try:
         for entry in all_entries:  # quality pass
             with api.applying(pipe, *entry.configs):

@@ -43,7 +43,11 @@ def _shape_key(args: tuple, kwargs: dict):
 
 
 class ComponentReuseHook(_compat.ModelHook):
-    """Reuse a component's output when ``decide(step, slot_index)`` returns False."""
+    """Reuse a component's output when ``decide(step, slot_index)`` returns False.
+
+    ``decide`` must be a pure function of (step, slot): the hook also asks it about the next step
+    to know whether an output must be kept.
+    """
 
     _is_stateful = True
 
@@ -60,17 +64,28 @@ class ComponentReuseHook(_compat.ModelHook):
         key = self.tracker.context_name
         entry = self.cache.get(key)
         shape = _shape_key(args, kwargs)
-        if entry is not None and entry[0] == shape and not self._should_compute():
+        compute, keep = self._plan(entry is not None and entry[0] == shape)
+        if not compute:
             self.counters.reused += 1
             return entry[1]
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.cache[key] = (shape, output)
+        if keep:
+            self.cache[key] = (shape, output)
+        elif entry is not None:
+            del self.cache[key]
         self.counters.computed += 1
         return output
 
     @torch.compiler.disable
-    def _should_compute(self) -> bool:
-        return bool(self.decide(self.tracker.step, self.slot_index))
+    def _plan(self, have_entry: bool) -> tuple[bool, bool]:
+        """(compute now?, keep the output?). An output is kept only when the next step reuses it:
+        holding tensors nobody will read costs memory and, on CPU, real time in the allocator."""
+        step = self.tracker.step
+        if have_entry and not self.decide(step, self.slot_index):
+            return False, True
+        last = self.tracker.num_inference_steps
+        keep = last is None or step + 1 < last and not self.decide(step + 1, self.slot_index)
+        return True, keep
 
     def reset_state(self, module):
         self.cache.clear()
