@@ -19,8 +19,9 @@ named hooks on the denoiser and returns a handle with ``remove()`` (and optional
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -110,6 +111,19 @@ def _validate(model: torch.nn.Module, state: _State | None, configs: tuple) -> N
             )
 
 
+def _hook_snapshot(model: torch.nn.Module) -> dict[int, set[str]]:
+    return {id(m): set(m._diffusers_hook.hooks) for m in model.modules() if _compat.has_hook_registry(m)}
+
+
+def _remove_hooks_since(model: torch.nn.Module, snapshot: dict[int, set[str]]) -> None:
+    """Remove every registry hook added after ``snapshot`` (whatever a failing installer left)."""
+    for module in model.modules():
+        if _compat.has_hook_registry(module):
+            registry = module._diffusers_hook
+            for name in [n for n in registry._hook_order if n not in snapshot.get(id(module), ())]:
+                registry.remove_hook(name, recurse=False)
+
+
 def _registry_less(model: torch.nn.Module) -> set[int]:
     return {id(m) for m in model.modules() if not _compat.has_hook_registry(m)}
 
@@ -140,6 +154,7 @@ def apply(target, *configs):
 
     fresh = state is None
     lacking = _registry_less(model)
+    snapshot = _hook_snapshot(model)
     if fresh:
         state = _State(StepTracker(adapter))
     added: list[tuple[Any, Any]] = []
@@ -160,7 +175,11 @@ def apply(target, *configs):
         for item in reversed(added):
             item[1].remove()
             state.installed.remove(item)
+        _remove_hooks_since(model, snapshot)
+        if not fresh:
+            _put_tracker_on_top(model, state.tracker)
         state.created |= lacking - _registry_less(model)
+        _compat.invalidate_registry_caches(model)
         if fresh:
             _teardown(model, state)
         raise

@@ -26,9 +26,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -85,7 +85,7 @@ PROBE_HOOK = "accel_bench_probe"
 
 
 class _CountHook(_compat.ModelHook):
-    def __init__(self, probe: "ComputeProbe"):
+    def __init__(self, probe: ComputeProbe):
         super().__init__()
         self.probe = probe
 

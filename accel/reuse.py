@@ -17,8 +17,8 @@ It recomputes anyway when nothing is cached yet or the input's shape changed (ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

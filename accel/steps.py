@@ -28,8 +28,8 @@ Every plug-in (caches, sparse attention, timestep adjustment) reads the step fro
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -64,7 +64,9 @@ def hook_footprint(pipe) -> tuple:
     """Everything a plug-in could leave behind: hook registries, instance forwards, scheduler patch."""
     model = pipe.transformer
     regs = tuple(
-        (name, tuple(m._diffusers_hook._hook_order)) for name, m in model.named_modules() if hasattr(m, "_diffusers_hook")
+        (name, tuple(m._diffusers_hook._hook_order))
+        for name, m in model.named_modules()
+        if hasattr(m, "_diffusers_hook")
     )
     forwards = tuple(name for name, m in model.named_modules() if "forward" in vars(m))
     hooks = tuple(
