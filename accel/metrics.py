@@ -29,7 +29,7 @@ def to_float_images(images) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         x = images.detach().float().cpu()
     elif isinstance(images, np.ndarray):
-        x = torch.from_numpy(images).float()
+        x = torch.from_numpy(np.array(images, copy=True)).float()
         if x.shape[-1] in (1, 3, 4) and x.ndim >= 3:
             x = x.movedim(-1, -3)
         if images.dtype == np.uint8:

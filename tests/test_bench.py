@@ -1,0 +1,51 @@
+import json
+
+from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+from accel.bench import BenchEntry, run_bench, write_results
+from app.cli import main
+from caching import StaticCacheConfig
+from tests.dummies import hook_footprint, make
+
+
+def test_bench_rows_quality_and_skipped_fraction(tmp_path):
+    pipe = make("pixart")
+    footprint = hook_footprint(pipe)
+    entries = [
+        BenchEntry("static-1", (StaticCacheConfig(interval=1),)),
+        BenchEntry("static-2", (StaticCacheConfig(interval=2),)),
+        BenchEntry("fbc", (FirstBlockCacheConfig(threshold=0.3),), peer=True),
+        BenchEntry("pab", (PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                           spatial_attention_timestep_skip_range=(-1, 1001)),),
+                   peer=True),
+    ]
+    calls = []
+
+    def n_outputs(outs, prompts):
+        calls.append(1)
+        return len(outs)
+
+    result = run_bench(pipe, entries, ["a red circle", "a blue square"], pipe.tiny_call_kwargs, runs=2,
+                       progress=False, suite="t", scorers={"n_outputs": n_outputs})
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["baseline"]["psnr"] == float("inf") and rows["static-1"]["psnr"] == float("inf")
+    assert rows["static-1"]["skipped_fraction"] == 0.0
+    assert rows["static-2"]["skipped_fraction"] == 0.5  # 4 steps: compute 0 and 2
+    assert rows["static-2"]["psnr"] < float("inf")
+    assert 0 < rows["fbc"]["skipped_fraction"] < 1 and 0 < rows["pab"]["skipped_fraction"] < 1
+    assert rows["static-2"]["n_outputs"] == 2 and len(calls) == 5
+    assert all(len(r["latency_all_s"]) == 2 and r["speedup"] > 0 for r in rows.values())
+    assert hook_footprint(pipe) == footprint  # the harness leaves the pipeline as it found it
+    path = write_results(result, tmp_path, command="test")
+    data = json.loads(path.read_text())  # strict JSON: inf PSNR is written as null
+    assert data["hardware"]["cpu_cores"] >= 1 and data["rows"][0]["psnr"] is None
+    assert "| static-2 |" in (tmp_path / "t.md").read_text()
+
+
+def test_cli_bench_tiny_writes_json_and_table(tmp_path, capsys):
+    assert main(["bench", "tiny", "--runs", "1", "--prompts", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names[0] == "baseline" and sum(r["peer"] for r in data["rows"]) >= 2
+    assert "StaticCache n=2" in capsys.readouterr().out
+    assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
