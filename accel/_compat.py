@@ -36,7 +36,7 @@ from diffusers.hooks.sea_cache import (
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
 __all__ = [
-    "CacheContext", "HookRegistry", "ModelHook", "StateManager", "DIFFUSERS_CACHES", "set_cache_context",
+    "CacheContext", "HookRegistry", "ModelHook", "StateManager", "DIFFUSERS_CACHES", "SeaCacheConfig", "set_cache_context",
     "registry_of", "has_hook_registry", "hook_names_under", "diffusers_cache_enabled",
 ]
 
@@ -71,6 +71,33 @@ def hook_names_under(module: torch.nn.Module) -> list[tuple[str, str]]:
         if has_hook_registry(sub):
             found.extend((path, name) for name in sub._diffusers_hook._hook_order)
     return found
+
+
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Remove hook ``name`` from ``module``'s registry, keeping the hooks outside it working.
+
+    diffusers' ``HookRegistry.remove_hook`` rewires the next-outer hook by overwriting its
+    ``forward``; when that hook has a ``new_forward`` this bypasses it and leaves its
+    ``original_forward`` pointing at the removed hook. We restore the outer hook's entry point and
+    point its ``original_forward`` past the removed hook.
+    """
+    if not has_hook_registry(module) or name not in module._diffusers_hook.hooks:
+        return
+    registry = module._diffusers_hook
+    index = registry._hook_order.index(name)
+    inner = registry._fn_refs[index]
+    below = inner.original_forward if inner.original_forward is not None else inner.forward
+    outer = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+    entry = outer.forward if outer is not None else None
+    registry.remove_hook(name, recurse=False)
+    if outer is not None and outer.original_forward is not None:
+        outer.forward = entry
+        outer.original_forward = below
+
+
+def remove_hook_everywhere(module: torch.nn.Module, name: str) -> None:
+    for sub in module.modules():
+        remove_hook(sub, name)
 
 
 def drop_empty_registries(module: torch.nn.Module, created: set[int]) -> None:

@@ -66,12 +66,15 @@ class ModelAdapter:
         timestep_arg: name of the forward argument that carries the timestep.
         timestep_scale: factor from the value the pipeline passes to scheduler units (Flux's
             pipelines pass ``t / 1000``).
+        latent_layout: layout of the ``hidden_states`` input (``"BCHW"``, ``"BCTHW"``, ``"BTCHW"``),
+            or ``None`` when it is packed into tokens (Flux).
     """
 
     model_class: type
     groups: tuple[BlockGroup, ...]
     timestep_arg: str = "timestep"
     timestep_scale: float = 1.0
+    latent_layout: str | None = None
 
     def blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         out = []
@@ -109,9 +112,23 @@ class ModelAdapter:
         return tuple(names)
 
     def timestep_from(self, args: tuple, kwargs: dict) -> torch.Tensor | float | None:
-        if self.timestep_arg in kwargs:
-            return kwargs[self.timestep_arg]
-        index = _positional_index(self.model_class, self.timestep_arg)
+        return self._arg(self.timestep_arg, args, kwargs)
+
+    def latents_from(self, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        """The noisy latents of each sample as ``(C, T, H, W)`` (what SeaCache calls raw vision)."""
+        x = self._arg("hidden_states", args, kwargs)
+        if not isinstance(x, torch.Tensor) or self.latent_layout is None:
+            return None
+        if self.latent_layout == "BCHW":
+            x = x.unsqueeze(2)
+        elif self.latent_layout == "BTCHW":
+            x = x.transpose(1, 2)
+        return list(x.unbind(0))
+
+    def _arg(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        index = _positional_index(self.model_class, name)
         return args[index] if index is not None and index < len(args) else None
 
 
@@ -155,24 +172,24 @@ def _register_builtin() -> None:
 
     register_adapter(ModelAdapter(PixArtTransformer2DModel, (
         BlockGroup("transformer_blocks", ("attn1", "attn2", "ff"), ("attn1",), ("attn2",), 0, None),
-    )))
+    ), latent_layout="BCHW"))
     register_adapter(ModelAdapter(FluxTransformer2DModel, (
         BlockGroup("transformer_blocks", ("attn", "ff", "ff_context"), ("attn",), (), 1, 0),
         BlockGroup("single_transformer_blocks", ("attn", "proj_mlp", "proj_out"), ("attn",), (), 1, 0),
     ), timestep_scale=1000.0))
     register_adapter(ModelAdapter(SD3Transformer2DModel, (
         BlockGroup("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), ("attn", "attn2"), (), 1, 0),
-    )))
+    ), latent_layout="BCHW"))
     register_adapter(ModelAdapter(WanTransformer3DModel, (
         BlockGroup("blocks", ("attn1", "attn2", "ffn"), ("attn1",), ("attn2",), 0, None),
-    )))
+    ), latent_layout="BCTHW"))
     register_adapter(ModelAdapter(CogVideoXTransformer3DModel, (
         BlockGroup("transformer_blocks", ("attn1", "ff"), ("attn1",), (), 0, 1),
-    )))
+    ), latent_layout="BTCHW"))
     register_adapter(ModelAdapter(HunyuanVideoTransformer3DModel, (
         BlockGroup("transformer_blocks", ("attn", "ff", "ff_context"), ("attn",), (), 0, 1),
         BlockGroup("single_transformer_blocks", ("attn", "proj_mlp", "proj_out"), ("attn",), (), 0, 1),
-    )))
+    ), latent_layout="BCTHW"))
 
 
 _register_builtin()

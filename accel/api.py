@@ -120,8 +120,8 @@ def _remove_hooks_since(model: torch.nn.Module, snapshot: dict[int, set[str]]) -
     for module in model.modules():
         if _compat.has_hook_registry(module):
             registry = module._diffusers_hook
-            for name in [n for n in registry._hook_order if n not in snapshot.get(id(module), ())]:
-                registry.remove_hook(name, recurse=False)
+            for name in reversed([n for n in registry._hook_order if n not in snapshot.get(id(module), ())]):
+                _compat.remove_hook(module, name)
 
 
 def _registry_less(model: torch.nn.Module) -> set[int]:
@@ -134,7 +134,7 @@ def _put_tracker_on_top(model: torch.nn.Module, tracker: StepTracker) -> None:
     if TRACKER_HOOK in registry.hooks:
         if registry._hook_order[-1] == TRACKER_HOOK:
             return
-        registry.remove_hook(TRACKER_HOOK, recurse=False)
+        _compat.remove_hook(model, TRACKER_HOOK)
     registry.register_hook(tracker, TRACKER_HOOK)
 
 
@@ -187,8 +187,7 @@ def apply(target, *configs):
 
 
 def _teardown(model: torch.nn.Module, state: _State) -> None:
-    if _compat.has_hook_registry(model) and TRACKER_HOOK in model._diffusers_hook.hooks:
-        model._diffusers_hook.remove_hook(TRACKER_HOOK, recurse=False)
+    _compat.remove_hook(model, TRACKER_HOOK)
     state.tracker.detach_scheduler()
     _compat.invalidate_registry_caches(model)
     _compat.drop_empty_registries(model, state.created)
@@ -202,6 +201,7 @@ def remove(target) -> None:
     state: _State | None = getattr(model, "_accel_state", None)
     if state is None:
         return
+    _compat.remove_hook(model, TRACKER_HOOK)
     for _, handle in reversed(state.installed):
         handle.remove()
     state.installed.clear()

@@ -127,7 +127,7 @@ class ComputeProbe:
 
     def close(self):
         for module in self._modules:
-            module._diffusers_hook.remove_hook(PROBE_HOOK, recurse=False)
+            _compat.remove_hook(module, PROBE_HOOK)
         _compat.drop_empty_registries(self.model, self._created)
         for handle in self._handles:
             handle.remove()

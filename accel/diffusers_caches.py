@@ -42,9 +42,8 @@ class DiffusersCacheHandle:
                 hook.reset_state(module)
 
     def remove(self) -> None:
-        registry = _compat.registry_of(self.model)
         for name in self.hook_names:
-            registry.remove_hook(name, recurse=True)
+            _compat.remove_hook_everywhere(self.model, name)
         _compat.invalidate_registry_caches(self.model)
         self.tracker.provide_context = False
         if self.reset in self.tracker.listeners:
@@ -56,12 +55,14 @@ def _install(model: torch.nn.Module, config, tracker: StepTracker, adapter: Mode
     config = dataclasses.replace(config)
     if needs_timestep and config.current_timestep_callback is None:
         config.current_timestep_callback = tracker.current_timestep
+    if isinstance(config, _compat.SeaCacheConfig) and config.raw_vision_callback is None:
+        if adapter.latent_layout is not None:
+            config.raw_vision_callback = lambda module, args, kwargs: adapter.latents_from(args, kwargs)
     try:
         apply_fn(model, config)
     except BaseException:
-        registry = _compat.registry_of(model)
         for name in hook_names:
-            registry.remove_hook(name, recurse=True)
+            _compat.remove_hook_everywhere(model, name)
         raise
     return DiffusersCacheHandle(model, hook_names, tracker)
 

@@ -117,7 +117,7 @@ class ReuseInstaller:
 
     def remove(self) -> None:
         for module, _ in self.hooks:
-            module._diffusers_hook.remove_hook(REUSE_HOOK, recurse=False)
+            _compat.remove_hook(module, REUSE_HOOK)
         self.hooks.clear()
         tracker = getattr(self, "_tracker", None)
         if tracker is not None and self.reset in tracker.listeners:

@@ -119,13 +119,9 @@ class StepTracker(_compat.ModelHook):
         self.context_name = name if name is not None else f"branch{self.branch}"
         if not self.provide_context:
             return None
-        sigma = None
-        sched = self.scheduler
-        if sched is not None and getattr(sched, "sigmas", None) is not None and self.step < len(sched.sigmas):
-            sigma = float(sched.sigmas[self.step])
         return _compat.CacheContext(
             self.context_name, step_index=self.step, num_inference_steps=self.num_inference_steps,
-            timestep=self.current_timestep(), sigma=sigma,
+            timestep=self.current_timestep(), sigma=self.current_sigma(),
         )
 
     def _start_generation(self) -> None:
@@ -150,6 +146,24 @@ class StepTracker(_compat.ModelHook):
         if self.raw_timestep is None:
             return None
         return self.raw_timestep * self.adapter.timestep_scale
+
+    def current_sigma(self) -> float | None:
+        """Noise level of the current step as a flow-matching sigma in [0, 1].
+
+        Flow-matching schedulers store it; for DDPM/DDIM-type schedulers (x_t = a x_0 + s eps) the
+        same mix of signal and noise is sigma = s / (a + s) with a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar).
+        """
+        sched = self.scheduler
+        sigmas = getattr(sched, "sigmas", None)
+        if sigmas is not None and 0 <= self.step < len(sigmas):
+            return float(sigmas[self.step])
+        alphas = getattr(sched, "alphas_cumprod", None)
+        t = self.current_timestep()
+        if alphas is None or t is None:
+            return None
+        alpha_bar = float(alphas[min(max(int(round(t)), 0), len(alphas) - 1)])
+        a, s = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        return s / (a + s)
 
     @property
     def is_split_cfg(self) -> bool | None:

@@ -70,3 +70,50 @@ def test_pab_timestep_window_uses_tracked_timestep():
     accel.apply(pipe, dataclasses.replace(CONFIGS["pab"], spatial_attention_timestep_skip_range=(2000, 3000)))
     generate(pipe, num_inference_steps=STEPS)
     assert counter.count == full
+
+
+@pytest.mark.parametrize("arch", ["pixart", "wan"])
+def test_seacache_gets_step_sigma_and_latents_from_the_tracker(arch):
+    from diffusers import SeaCacheConfig
+
+    pipe = make(arch)
+    plain = generate(pipe, num_inference_steps=8)
+    footprint = hook_footprint(pipe)
+    counter = ComponentCounter(pipe.transformer)
+    generate(pipe, num_inference_steps=8)
+    full, counter.count = counter.count, 0
+    accel.apply(pipe, SeaCacheConfig(threshold=0.5))
+    generate(pipe, num_inference_steps=8)
+    assert counter.count < full  # not diffusers' fail-open mode
+    accel.remove(pipe)
+    counter.close()
+    assert hook_footprint(pipe) == footprint
+    assert torch.equal(generate(pipe, num_inference_steps=8), plain)
+
+
+def test_removing_an_inner_hook_keeps_the_outer_one_running():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from accel import _compat
+
+    calls = []
+
+    class Tag(ModelHook):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def new_forward(self, module, *args, **kwargs):
+            calls.append(self.tag)
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    lin = torch.nn.Linear(2, 2)
+    registry = HookRegistry.check_if_exists_or_initialize(lin)
+    registry.register_hook(Tag("inner"), "inner")
+    registry.register_hook(Tag("outer"), "outer")
+    _compat.remove_hook(lin, "inner")
+    lin(torch.ones(1, 2))
+    assert calls == ["outer"]
+    _compat.remove_hook(lin, "outer")
+    _compat.drop_empty_registries(lin, {id(lin)})
+    assert "forward" not in vars(lin) and not hasattr(lin, "_diffusers_hook")
