@@ -36,8 +36,9 @@ from diffusers.hooks.sea_cache import (
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
 __all__ = [
-    "CacheContext", "HookRegistry", "ModelHook", "StateManager", "DIFFUSERS_CACHES", "SeaCacheConfig", "set_cache_context",
-    "registry_of", "has_hook_registry", "hook_names_under", "diffusers_cache_enabled",
+    "CacheContext", "HookRegistry", "ModelHook", "StateManager", "DIFFUSERS_CACHES", "SeaCacheConfig",
+    "set_cache_context", "registry_of", "has_hook_registry", "hook_names_under", "diffusers_cache_enabled",
+    "remove_hook", "remove_hook_everywhere", "drop_empty_registries",
 ]
 
 # config class -> (apply function, hook names it registers, needs a current-timestep callback)
