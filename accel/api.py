@@ -73,21 +73,19 @@ def _resolve(target) -> tuple[torch.nn.Module, Any]:
     )
 
 
-def _kind_of(config) -> str:
+def _plugin_of(config) -> tuple[str, Installer]:
+    """(kind, installer) registered for the config's class or its nearest registered base."""
     for cls in type(config).__mro__:
         if cls in _PLUGINS:
-            return _PLUGINS[cls][0]
+            return _PLUGINS[cls]
     raise ConfigError(
         f"{type(config).__name__} is not a plug-in config; known configs: "
         f"{', '.join(sorted(c.__name__ for c in _PLUGINS))}"
     )
 
 
-def _installer_of(config) -> Installer:
-    for cls in type(config).__mro__:
-        if cls in _PLUGINS:
-            return _PLUGINS[cls][1]
-    raise AssertionError("validated before")
+def _kind_of(config) -> str:
+    return _plugin_of(config)[0]
 
 
 def _validate(model: torch.nn.Module, state: _State | None, configs: tuple) -> None:
@@ -164,7 +162,7 @@ def apply(target, *configs):
         if scheduler is not None:
             state.tracker.attach_scheduler(scheduler)
         for config in configs:
-            handle = _installer_of(config)(model, config, state.tracker, adapter)
+            handle = _plugin_of(config)[1](model, config, state.tracker, adapter)
             added.append((config, handle))
             state.installed.append((config, handle))
         _put_tracker_on_top(model, state.tracker)
