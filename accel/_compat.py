@@ -37,7 +37,7 @@ from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
 __all__ = [
     "CacheContext", "HookRegistry", "ModelHook", "StateManager", "DIFFUSERS_CACHES", "SeaCacheConfig",
-    "set_cache_context", "registry_of", "has_hook_registry", "hook_names_under", "diffusers_cache_enabled",
+    "set_cache_context", "registry_of", "has_hook_registry", "diffusers_cache_enabled",
     "remove_hook", "remove_hook_everywhere", "drop_empty_registries",
 ]
 
@@ -63,15 +63,6 @@ def registry_of(module: torch.nn.Module) -> HookRegistry:
 
 def has_hook_registry(module: torch.nn.Module) -> bool:
     return hasattr(module, "_diffusers_hook")
-
-
-def hook_names_under(module: torch.nn.Module) -> list[tuple[str, str]]:
-    """(module path, hook name) for every diffusers-registry hook in ``module``'s tree."""
-    found = []
-    for path, sub in module.named_modules():
-        if has_hook_registry(sub):
-            found.extend((path, name) for name in sub._diffusers_hook._hook_order)
-    return found
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:

@@ -158,8 +158,6 @@ def run_bench(pipe, entries: list[BenchEntry], prompts: list[str], call_kwargs: 
         raise ValueError("need runs >= 1 and at least one prompt")
     call_kwargs = dict(call_kwargs or {})
     call_kwargs.setdefault("output_type", "pt")
-    for key in ("progress_bar_config",):
-        call_kwargs.pop(key, None)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     scorers = scorers or {}
