@@ -2,7 +2,7 @@
 
     >>> from app.bench_suites import SUITES
     >>> sorted(SUITES)
-    ['overhead', 'tiny']
+    ['overhead', 'shapes-t2i', 'shapes-t2v', 'tiny']
 
 A suite returns (pipeline, entries, prompts, call kwargs, run settings). The tiny suites run on
 randomly initialised pipelines: their *speed* ratios and computation counts are real, their PSNR is
@@ -33,6 +33,7 @@ class Suite:
     warmup: int = 1
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    scorers: dict = field(default_factory=dict)
 
 
 def _diffusers_peers(pixart: bool = True) -> list[BenchEntry]:
@@ -81,4 +82,31 @@ def overhead() -> Suite:
         "(speedup >= 0.97) and reproduces it exactly (PSNR ∞)."))
 
 
-SUITES = {"tiny": tiny, "overhead": overhead}
+def _reference(name: str) -> Suite:
+    from pipelines.zoo import load_reference
+    from pipelines.zoo.scoring import EVAL_CALL, bench_scorers, heldout_prompts
+
+    pipe = load_reference(name)
+    entries = [
+        BenchEntry(f"StaticCache n={n}", (StaticCacheConfig(interval=n, warmup_steps=2),),
+                   settings={"interval": n, "warmup_steps": 2})
+        for n in (2, 3)
+    ] + _diffusers_peers(pixart=name == "shapes-t2i")
+    return Suite(pipe, entries, heldout_prompts(name, 16), dict(EVAL_CALL[name]), runs=5,
+                 scorers=bench_scorers(name), notes=(
+                     f"Trained reference model {name}: PSNR/SSIM against the uncached output of the same seed; "
+                     "evaluator_accuracy = fraction of fully correct outputs, adherence = mean per-attribute "
+                     "accuracy, frechet = Fréchet distance to real renders in the evaluator's feature space."))
+
+
+def shapes_t2i() -> Suite:
+    """The trained shapes-t2i PixArt: static caching and diffusers' caches with evaluator scores."""
+    return _reference("shapes-t2i")
+
+
+def shapes_t2v() -> Suite:
+    """The trained shapes-t2v Wan model: static caching and diffusers' caches with evaluator scores."""
+    return _reference("shapes-t2v")
+
+
+SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v}

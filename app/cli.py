@@ -2,6 +2,9 @@
 
     $ accel bench tiny          # tiny PixArt: StaticCache vs diffusers' caches, table + JSON
     $ accel bench overhead      # hook overhead on a 12-block PixArt
+    $ accel bench shapes-t2i    # the trained reference model: fidelity, evaluator accuracy, Fréchet
+    $ accel zoo train shapes-t2i --work-dir runs/shapes-t2i    # retrain a reference model (resumable)
+    $ accel zoo eval shapes-t2i # held-out prompt adherence of the shipped model
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
 """
@@ -28,11 +31,45 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(
         suite.pipe, suite.entries, suite.prompts[: args.prompts] if args.prompts else suite.prompts,
         suite.call_kwargs, runs=args.runs or suite.runs, warmup=suite.warmup, suite=args.suite,
-        notes=suite.notes, progress=not args.quiet,
+        notes=suite.notes, progress=not args.quiet, scorers=suite.scorers,
     )
     path = write_results(result, args.out, command="accel " + shlex.join(sys.argv[1:]))
     print(result["table"])
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+def _zoo_train(args: argparse.Namespace) -> int:
+    from pipelines.zoo.train import train
+
+    out = train(args.name, args.work_dir or f"runs/{args.name}", args.out, progress=not args.quiet,
+                threads=args.threads or None)
+    print(f"pipeline written to {out}")
+    return 0
+
+
+def _zoo_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from pipelines.zoo import load_reference
+    from pipelines.zoo.scoring import evaluate_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_reference(args.name, path=args.path)
+    call = {"num_inference_steps": args.steps} if args.steps else {}
+    report, _ = evaluate_pipeline(pipe, args.name, n=args.n, seed=args.seed, progress=not args.quiet, **call)
+    report["command"] = "accel " + shlex.join(sys.argv[1:])
+    summary = {k: report[k] for k in ("n", "attributes", "count", "overall", "image_accuracy", "frechet",
+                                      "real_frechet_floor")}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -48,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
+
+    zoo = sub.add_parser("zoo", help="reference models: train and evaluate")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zt = zsub.add_parser("train", help="train (or resume training) a reference model")
+    zt.add_argument("name", help="shapes-t2i or shapes-t2v")
+    zt.add_argument("--work-dir", help="checkpoints and caches (default runs/NAME); rerun to resume")
+    zt.add_argument("--out", help="where the pipeline is written (default WORK_DIR/pipeline)")
+    zt.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    zt.add_argument("--quiet", action="store_true")
+    zt.set_defaults(func=_zoo_train)
+    ze = zsub.add_parser("eval", help="score a reference model on held-out prompts")
+    ze.add_argument("name", help="shapes-t2i or shapes-t2v")
+    ze.add_argument("--path", help="a trained pipeline folder (default: the shipped weights)")
+    ze.add_argument("--n", type=int, default=200, help="number of held-out prompts")
+    ze.add_argument("--steps", type=int, default=0, help="inference steps (default: the model's evaluation setting)")
+    ze.add_argument("--seed", type=int, default=0)
+    ze.add_argument("--out", help="write the full report (JSON) here")
+    ze.add_argument("--threads", type=int, default=0)
+    ze.add_argument("--quiet", action="store_true")
+    ze.set_defaults(func=_zoo_eval)
     return parser
 
 

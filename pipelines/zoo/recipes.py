@@ -1,0 +1,205 @@
+"""Model recipes of the reference pipelines: configs, tokenizer, and untrained components.
+
+    >>> from pipelines.zoo.recipes import RECIPES, build_components
+    >>> parts = build_components(RECIPES["shapes-t2i"])
+    >>> sorted(parts)     # ['scheduler', 'text_encoder', 'tokenizer', 'transformer', 'vae']
+
+A recipe fixes the architecture and the training schedule; :mod:`pipelines.zoo.train` trains it.
+The sizes respect DESIGN § 4: PixArt's `sample_size` is 32 with an 8x VAE, so a default call
+generates 256 x 256 images; the Wan VAE keeps its spatial factor of 8. Schedulers are exact ones:
+DDIM without clipping for PixArt (its pipeline needs `init_noise_sigma`), flow-matching Euler for Wan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from .shapes import vocabulary
+
+SPECIAL = ("<pad>", "</s>", "<unk>")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything needed to rebuild and retrain one reference model."""
+
+    name: str
+    kind: str                                   # "t2i" (PixArt) or "t2v" (Wan)
+    # text encoder (T5)
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_max_length: int = 40                   # training length; the pipeline pads further, masked
+    # denoiser
+    layers: int = 6
+    heads: int = 6
+    head_dim: int = 32
+    patch: int = 2
+    # VAE
+    vae_channels: tuple[int, ...] = (8, 16, 32, 64)
+    latent_channels: int = 4
+    # data
+    image_size: int = 256
+    frames: int = 1
+    max_objects: int = 3
+    train_scenes: int = 20_000
+    partial_captions: float = 0.15
+    caption_dropout: float = 0.1
+    # optimisation
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_crop: int = 96
+    vae_frames: int = 1
+    vae_lr: float = 1e-3
+    steps: int = 5000
+    batch: int = 32
+    lr: float = 3e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def replace(self, **kw) -> Recipe:
+        return dataclasses.replace(self, **kw)
+
+
+RECIPES: dict[str, Recipe] = {
+    "shapes-t2i": Recipe(name="shapes-t2i", kind="t2i"),
+    # 29 frames of 128 x 128: 8 latent frames of 8 x 8 patches = 512 video tokens per clip
+    "shapes-t2v": Recipe(
+        name="shapes-t2v", kind="t2v", image_size=128, frames=29, layers=6, heads=6, head_dim=32,
+        vae_channels=(8, 16, 32, 32), latent_channels=8, train_scenes=6000, max_objects=2,
+        vae_steps=1200, vae_batch=4, vae_crop=64, vae_frames=9, steps=5000, batch=16,
+    ),
+}
+
+
+def tiny_recipe(name: str) -> Recipe:
+    """A seconds-long version of a recipe, for tests of the training code."""
+    r = RECIPES[name]
+    return r.replace(text_dim=32, text_layers=1, text_heads=2, layers=1, heads=2, head_dim=8,
+                     vae_channels=(8, 8, 8, 8), train_scenes=16, vae_steps=2, vae_batch=2, vae_crop=32,
+                     steps=3, batch=2, warmup=1, checkpoint_every=2)
+
+
+def build_tokenizer(max_length: int = 120) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the shapes vocabulary; appends `</s>` like T5's."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for w in vocabulary():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=max_length, padding_side="right",
+    )
+
+
+def build_text_encoder(r: Recipe, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (T5Config, T5EncoderModel) if r.kind == "t2i" else (UMT5Config, UMT5EncoderModel)
+    cfg = config_cls(
+        vocab_size=vocab_size, d_model=r.text_dim, d_kv=r.text_dim // r.text_heads, d_ff=2 * r.text_dim,
+        num_layers=r.text_layers, num_heads=r.text_heads, relative_attention_num_buckets=16,
+        relative_attention_max_distance=64, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+    )
+    return model_cls(cfg)
+
+
+def build_vae(r: Recipe):
+    if r.kind == "t2i":
+        from diffusers import AutoencoderKL
+
+        n = len(r.vae_channels)
+        return AutoencoderKL(
+            block_out_channels=r.vae_channels, latent_channels=r.latent_channels, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            layers_per_block=1, mid_block_add_attention=False, sample_size=r.image_size,
+        )
+    if r.kind == "t2v":
+        from diffusers import AutoencoderKLWan
+
+        base = r.vae_channels[0]
+        return AutoencoderKLWan(
+            base_dim=base, z_dim=r.latent_channels, dim_mult=[c // base for c in r.vae_channels],
+            num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * r.latent_channels, latents_std=[1.0] * r.latent_channels,
+        )
+    raise ValueError(f"unknown recipe kind {r.kind!r}")
+
+
+def build_transformer(r: Recipe):
+    if r.kind == "t2i":
+        from diffusers import PixArtTransformer2DModel
+
+        factor = 2 ** (len(r.vae_channels) - 1)
+        return PixArtTransformer2DModel(
+            sample_size=r.image_size // factor, patch_size=r.patch, in_channels=r.latent_channels,
+            out_channels=r.latent_channels, num_layers=r.layers, attention_head_dim=r.head_dim,
+            num_attention_heads=r.heads, cross_attention_dim=r.heads * r.head_dim, caption_channels=r.text_dim,
+            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+            use_additional_conditions=False,
+        )
+    if r.kind == "t2v":
+        from diffusers import WanTransformer3DModel
+
+        return WanTransformer3DModel(
+            patch_size=(1, r.patch, r.patch), num_attention_heads=r.heads, attention_head_dim=r.head_dim,
+            in_channels=r.latent_channels, out_channels=r.latent_channels, text_dim=r.text_dim, freq_dim=64,
+            ffn_dim=4 * r.heads * r.head_dim, num_layers=r.layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=256,
+        )
+    raise ValueError(f"unknown recipe kind {r.kind!r}")
+
+
+def build_scheduler(r: Recipe):
+    if r.kind == "t2i":
+        # PixArt's pipeline needs `init_noise_sigma`, which the flow-matching scheduler lacks: DDIM
+        # without sample clipping, v-prediction on a zero-terminal-SNR schedule (the first of
+        # "trailing" timesteps is pure noise, as the pipeline's initial latents are)
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction",
+            rescale_betas_zero_snr=True, timestep_spacing="trailing",
+        )
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def build_components(r: Recipe, seed: int | None = None) -> dict:
+    torch.manual_seed(r.seed if seed is None else seed)
+    tokenizer = build_tokenizer()
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": build_text_encoder(r, len(tokenizer)),
+        "vae": build_vae(r),
+        "transformer": build_transformer(r),
+        "scheduler": build_scheduler(r),
+    }
+
+
+def assemble(r: Recipe, components: dict):
+    """The diffusers pipeline of a recipe from its components."""
+    if r.kind == "t2i":
+        from diffusers import PixArtAlphaPipeline
+
+        return PixArtAlphaPipeline(**components)
+    if r.kind == "t2v":
+        from diffusers import WanPipeline
+
+        return WanPipeline(**components)
+    raise ValueError(f"unknown recipe kind {r.kind!r}")

@@ -1,0 +1,147 @@
+"""Score a reference pipeline on held-out prompts, and scorers for `accel bench`.
+
+    >>> from pipelines.zoo import load_reference
+    >>> from pipelines.zoo.scoring import evaluate_pipeline
+    >>> report = evaluate_pipeline(load_reference("shapes-t2i"), "shapes-t2i", n=20)
+    >>> report["image_accuracy"], report["attributes"]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import features, frechet_distance, score_clips, score_images
+from .shapes import caption, render_clip, render_image, sample_scenes
+
+# call settings of each reference model's evaluation (the pipeline defaults, made explicit)
+EVAL_CALL = {
+    "shapes-t2i": {"num_inference_steps": 20},
+    "shapes-t2v": {"num_inference_steps": 20, "height": 128, "width": 128, "num_frames": 9},
+}
+
+
+def is_video(name: str) -> bool:
+    return name.endswith("t2v")
+
+
+def heldout_scenes(name: str, n: int, start: int = 0):
+    return sample_scenes("heldout", n, start=start, video=is_video(name))
+
+
+def heldout_prompts(name: str, n: int = 20, start: int = 0) -> list[str]:
+    """The first `n` held-out prompts (the fixed list of 20 is `heldout_prompts(name, 20)`)."""
+    return [caption(s) for s in heldout_scenes(name, n, start)]
+
+
+def calibration_prompts(name: str, n: int = 16) -> list[str]:
+    return [caption(s) for s in sample_scenes("calibration", n, video=is_video(name))]
+
+
+def _render(name: str, scene, call: dict):
+    if is_video(name):
+        return render_clip(scene, call["num_frames"], call["height"])
+    return render_image(scene)
+
+
+def _frames(output):
+    """Images (HWC) or clips (THWC) of a pipeline call, as numpy arrays."""
+    if hasattr(output, "images"):
+        return [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in output.images]
+    return [np.asarray(v) for v in output.frames]
+
+
+def _feats(name, outputs):
+    # a clip is described by its middle frame's features
+    return np.stack([features(o[len(o) // 2] if is_video(name) else o) for o in outputs])
+
+
+def score_outputs(name: str, outputs, prompts) -> dict:
+    return (score_clips if is_video(name) else score_images)(outputs, prompts)
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe, name: str, n: int = 200, seed: int = 0, batch: int = 4, progress: bool = True,
+                      **call) -> dict:
+    """Generate the first `n` held-out prompts (seed `seed + i` for prompt i) and score them.
+
+    Returns the evaluator's report plus the Fréchet distance to real renders of the same scenes.
+    """
+    call = {**EVAL_CALL[name], **call}
+    scenes = heldout_scenes(name, n)
+    prompts = [caption(s) for s in scenes]
+    outputs = []
+    for i in tqdm(range(0, n, batch), desc=f"eval {name}", disable=not progress):
+        chunk = prompts[i:i + batch]
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        kw = {"output_type": "np"} if is_video(name) else {}
+        outputs += _frames(pipe(chunk, generator=gens, **call, **kw))
+    outputs = [_as_uint8(o) for o in outputs]
+    report = score_outputs(name, outputs, prompts)
+    real = [_render(name, s, call) for s in scenes]
+    report["frechet"] = frechet_distance(_feats(name, outputs), _feats(name, real))
+    report["real_frechet_floor"] = _split_half_frechet(name, real)
+    report["prompts"] = prompts
+    report["call"] = call
+    report["seed"] = seed
+    return report, outputs
+
+
+def _as_uint8(x):
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        x = np.clip(np.rint(x.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    return x
+
+
+def _channels_last(out):
+    """One bench output (a batch-of-one tensor, PIL list or array) as HWC / THWC numpy."""
+    if isinstance(out, list | tuple):
+        out = out[0]
+    if hasattr(out, "convert"):
+        return np.asarray(out.convert("RGB"))
+    if isinstance(out, torch.Tensor):
+        out = out.detach().float().cpu()
+        if out.ndim in (4, 5) and out.shape[0] == 1:
+            out = out[0]
+        if out.ndim == 3 and out.shape[0] in (1, 3):          # CHW
+            out = out.permute(1, 2, 0)
+        elif out.ndim == 4 and out.shape[1] in (1, 3):        # TCHW
+            out = out.permute(0, 2, 3, 1)
+        return out.numpy()
+    out = np.asarray(out)
+    return out[0] if out.ndim in (4, 5) and out.shape[0] == 1 and out.shape[-1] == 3 else out
+
+
+def _split_half_frechet(name, real) -> float:
+    """Fréchet distance between two halves of the real samples: the floor a perfect model reaches."""
+    if len(real) < 8:
+        return float("nan")
+    f = _feats(name, real)
+    return frechet_distance(f[0::2], f[1::2])
+
+
+def bench_scorers(name: str, real_scenes=None, call: dict | None = None) -> dict:
+    """Scorers for :func:`accel.bench.run_bench`: evaluator accuracy, adherence and Fréchet distance.
+
+    The bench passes its outputs and prompts; the Fréchet distance compares them with real renders
+    of held-out scenes (`real_scenes`, default the first 64).
+    """
+    call = {**EVAL_CALL[name], **(call or {})}
+    scenes = real_scenes if real_scenes is not None else heldout_scenes(name, 64)
+    real_feats = _feats(name, [_render(name, s, call) for s in scenes])
+
+    def _outs(outputs):
+        return [_as_uint8(_channels_last(o)) for o in outputs]
+
+    def accuracy(outputs, prompts):
+        return score_outputs(name, _outs(outputs), prompts)["image_accuracy"]
+
+    def adherence(outputs, prompts):
+        return score_outputs(name, _outs(outputs), prompts)["overall"]
+
+    def frechet(outputs, prompts):
+        return frechet_distance(_feats(name, _outs(outputs)), real_feats)
+
+    return {"evaluator_accuracy": accuracy, "adherence": adherence, "frechet": frechet}

@@ -1,0 +1,322 @@
+"""Train a reference model from its recipe: VAE, then latents, then text encoder + denoiser.
+
+    >>> from pipelines.zoo.train import train
+    >>> pipe_dir = train("shapes-t2i", work_dir="runs/shapes-t2i")   # resumes if interrupted
+
+Every stage checkpoints atomically into `work_dir` and is skipped or resumed on the next call, so a
+killed run continues where it stopped (losing at most `checkpoint_every` steps). Data order and
+noise are drawn from generators seeded by the step number, so a resumed run follows the same
+trajectory as an uninterrupted one. Weights are written as safetensors; the optimizer state is a
+`torch.save` file read back with `weights_only=True`.
+
+The denoiser is trained in the parameterisation its shipped scheduler integrates: v-prediction on
+DDIM's zero-terminal-SNR schedule (PixArt), or rectified flow (target `noise - x0` at
+`x_t = (1 - s) x0 + s noise`, `s` logit-normal) for the flow-matching Euler scheduler (Wan).
+Captions are dropped 10 % of the time so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .recipes import RECIPES, Recipe, assemble, build_components
+from .shapes import caption, render_clip, render_image, sample_scenes
+
+
+def _atomic_dir_write(target: Path, write) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _lr_at(step: int, r: Recipe, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(total - warmup, 1)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> (N, 3, H, W), or clips (N, T, H, W, 3) -> (N, 3, T, H, W), in [-1, 1]."""
+    x = torch.from_numpy(np.stack(images)).float()
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)
+    return x / 127.5 - 1.0
+
+
+def _render(r: Recipe, scene, frames: int | None = None) -> np.ndarray:
+    if r.kind == "t2v":
+        return render_clip(scene, frames or r.frames, r.image_size)
+    return render_image(scene, r.image_size)
+
+
+def _video(r: Recipe) -> bool:
+    return r.kind == "t2v"
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+
+def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
+    """Train the autoencoder on random crops of training scenes (reconstruction L1 + MSE + tiny KL)."""
+    ckpt = work / "vae"
+    if (ckpt / "done").exists():
+        vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
+        return vae
+    start = 0
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    if (ckpt / "meta.json").exists():
+        vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        start = json.loads((ckpt / "meta.json").read_text())["step"]
+    vae.train()
+    bar = tqdm(range(start, r.vae_steps), initial=start, total=r.vae_steps, desc=f"{r.name} vae",
+               disable=not progress)
+    for step in bar:
+        rng = np.random.default_rng([r.seed, 1, step])
+        scenes = sample_scenes("train", r.vae_batch, start=int(rng.integers(0, 10**6)), video=_video(r),
+                               max_objects=r.max_objects)
+        crops = []
+        for s in scenes:
+            img = _render(r, s, r.vae_frames)
+            o = s.objects[0]
+            # centre crops on an object half of the time (background is easy)
+            cy = (o.cell[0] + 0.5) * r.image_size / 3 if rng.random() < 0.5 else rng.uniform(0, r.image_size)
+            cx = (o.cell[1] + 0.5) * r.image_size / 3 if rng.random() < 0.5 else rng.uniform(0, r.image_size)
+            y0 = int(np.clip(cy - r.vae_crop / 2 + rng.integers(-16, 17), 0, r.image_size - r.vae_crop))
+            x0 = int(np.clip(cx - r.vae_crop / 2 + rng.integers(-16, 17), 0, r.image_size - r.vae_crop))
+            crops.append(img[..., y0:y0 + r.vae_crop, x0:x0 + r.vae_crop, :])
+        x = _to_tensor(crops)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, r, r.vae_steps, r.vae_lr, 50)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=torch.Generator().manual_seed(step))
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / x[0].numel()     # a light pull towards N(0, 1), per element
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if done % r.checkpoint_every == 0 or done == r.vae_steps:
+            def write(d, done=done):
+                save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, d / "vae.safetensors")
+                torch.save(opt.state_dict(), d / "optim.pt")
+                (d / "meta.json").write_text(json.dumps({"step": done}))
+                if done == r.vae_steps:
+                    (d / "done").write_text("")
+            _atomic_dir_write(ckpt, write)
+    vae.eval()
+    return vae
+
+
+# --------------------------------------------------------------------------- stage 2: latents
+
+@torch.no_grad()
+def encode_dataset(r: Recipe, vae, work: Path, progress: bool = True):
+    """Encode the training scenes once; returns (latents, captions) and sets the VAE scaling factor."""
+    path = work / "latents.safetensors"
+    scenes = sample_scenes("train", r.train_scenes, partial=r.partial_captions, video=_video(r),
+                           max_objects=r.max_objects)
+    captions = [caption(s) for s in scenes]
+    if path.exists():
+        lat = load_file(path)["latents"].float()
+    else:
+        vae.eval()
+        chunks = []
+        step = 4 if _video(r) else 32
+        for i in tqdm(range(0, len(scenes), step), desc=f"{r.name} encode", disable=not progress):
+            x = _to_tensor([_render(r, s) for s in scenes[i:i + step]])
+            chunks.append(vae.encode(x).latent_dist.mean.to(torch.float16))
+        lat = torch.cat(chunks)
+        save_file({"latents": lat.contiguous()}, path)
+        lat = lat.float()
+    if _video(r):
+        # Wan's pipeline decodes `z * std + mean` per channel
+        dims = [0, 2, 3, 4]
+        mean, std = lat.mean(dims), lat.std(dims)
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        return (lat - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), captions
+    std = lat.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)   # PixArt's pipeline decodes `z / scaling_factor`
+    return lat / std, captions
+
+
+# --------------------------------------------------------------------------- stage 3: denoiser
+
+def _tokenize(tokenizer, texts, length):
+    t = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return t.input_ids, t.attention_mask
+
+
+def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, gen: torch.Generator):
+    """Training loss of the denoiser in the parameterisation its shipped scheduler integrates."""
+    ids, mask = _tokenize(parts["tokenizer"], texts, r.text_max_length)
+    emb = text_encoder(ids, attention_mask=mask).last_hidden_state
+    if _video(r):
+        # WanPipeline zeroes the embeddings past each prompt and pads them to its max_sequence_length
+        emb = emb * mask.unsqueeze(-1).to(emb.dtype)
+        emb = F.pad(emb, (0, 0, 0, _wan_text_length() - emb.shape[1]))
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=gen)
+    sched = parts["scheduler"]
+    if sched.config.get("prediction_type") == "v_prediction":       # DDIM, v-prediction
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t)
+        timestep = t
+    else:                                                          # rectified flow
+        s = torch.sigmoid(torch.randn(b, generator=gen))
+        sv = s.view(-1, *([1] * (x0.ndim - 1)))
+        xt = (1 - sv) * x0 + sv * noise
+        target = noise - x0
+        timestep = s * sched.config.num_train_timesteps
+    if _video(r):
+        pred = transformer(xt, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+    else:
+        pred = transformer(
+            xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+        )[0]
+    return F.mse_loss(pred, target)
+
+
+def _wan_text_length() -> int:
+    import inspect
+
+    from diffusers import WanPipeline
+
+    return inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
+
+
+def _trainables(parts):
+    return {"transformer": parts["transformer"], "text_encoder": parts["text_encoder"]}
+
+
+def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progress: bool = True,
+                   stop_at: int | None = None) -> bool:
+    """Train (or resume) the text encoder and denoiser; False when stopped early at `stop_at`."""
+    from diffusers.training_utils import EMAModel
+
+    nets = _trainables(parts)
+    params = [p for m in nets.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = EMAModel(params, decay=r.ema_decay)
+    ckpt = work / "denoiser"
+    start = 0
+    if (ckpt / "meta.json").exists():
+        state = load_file(ckpt / "model.safetensors")
+        for name, m in nets.items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        ema_state = load_file(ckpt / "ema.safetensors")
+        ema.shadow_params = [ema_state[str(i)].clone() for i in range(len(params))]
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        start, ema.optimization_step = meta["step"], meta["ema_step"]
+    for m in nets.values():
+        m.train()
+    n = len(captions)
+    bar = tqdm(range(start, r.steps), initial=start, total=r.steps, desc=f"{r.name} denoiser", disable=not progress)
+    t0, losses = time.time(), []
+    for step in bar:
+        gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
+        idx = torch.randint(0, n, (r.batch,), generator=gen)
+        drop = torch.rand(r.batch, generator=gen) < r.caption_dropout
+        texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, r, r.steps, r.lr, r.warmup)
+        loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        losses.append(loss.item())
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", s_per_step=f"{(time.time() - t0) / len(losses):.2f}")
+        done = step + 1
+        if done % r.checkpoint_every == 0 or done == r.steps:
+            def write(d, done=done):
+                flat = {f"{name}.{k}": v.clone().contiguous()     # clone: T5 ties two names to one tensor
+                        for name, m in nets.items() for k, v in m.state_dict().items()}
+                save_file(flat, d / "model.safetensors")
+                save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, d / "ema.safetensors")
+                torch.save(opt.state_dict(), d / "optim.pt")
+                (d / "meta.json").write_text(json.dumps({"step": done, "ema_step": ema.optimization_step,
+                                                         "loss": float(np.mean(losses[-100:]))}))
+            _atomic_dir_write(ckpt, write)
+            with open(work / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": done, "loss": float(np.mean(losses[-r.checkpoint_every:]))}) + "\n")
+            if stop_at is not None and done >= stop_at and done < r.steps:
+                return False
+    ema.copy_to(params)           # export the averaged weights
+    for m in nets.values():
+        m.eval()
+    return True
+
+
+# --------------------------------------------------------------------------- driver
+
+def train(name_or_recipe, work_dir, out_dir=None, progress: bool = True, threads: int | None = None,
+          stop_at: int | None = None) -> Path | None:
+    """Run (or resume) every stage and save a diffusers pipeline to `out_dir` (default `work_dir/pipeline`).
+
+    `stop_at` stops the denoiser stage at the first checkpoint at or after that step (returns None);
+    calling again resumes it.
+    """
+    r = RECIPES[name_or_recipe] if isinstance(name_or_recipe, str) else name_or_recipe
+    if threads:
+        torch.set_num_threads(threads)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps({k: v for k, v in vars(r).items()}, indent=1, default=list))
+    parts = build_components(r)
+    train_vae(r, parts["vae"], work, progress)
+    parts["vae"].requires_grad_(False)
+    latents, captions = encode_dataset(r, parts["vae"], work, progress)
+    if not train_denoiser(r, parts, latents, captions, work, progress, stop_at):
+        return None
+    pipe = assemble(r, parts)
+    out = Path(out_dir) if out_dir else work / "pipeline"
+    _atomic_dir_write(out, lambda d: pipe.save_pretrained(d, safe_serialization=True))
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", choices=sorted(RECIPES))
+    ap.add_argument("--work-dir", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("ACCEL_THREADS", "0")) or None)
+    ap.add_argument("--stop-at", type=int, help="stop at the first checkpoint at or after this step")
+    a = ap.parse_args(argv)
+    print(train(a.name, a.work_dir, a.out, threads=a.threads, stop_at=a.stop_at))
+
+
+if __name__ == "__main__":
+    main()

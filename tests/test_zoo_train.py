@@ -1,0 +1,86 @@
+"""Training the reference recipes (tiny versions), resuming, loading, evaluating and benchmarking."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.zoo.recipes import tiny_recipe
+from pipelines.zoo.train import train
+
+
+def _weights(pipe_dir, component="transformer"):
+    return load_file(next((pipe_dir / component).glob("*.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i(tmp_path_factory):
+    work = tmp_path_factory.mktemp("t2i")
+    return train(tiny_recipe("shapes-t2i").replace(steps=4), work, progress=False)
+
+
+def test_tiny_t2i_trains_and_loads_with_default_call(tiny_t2i):
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(tiny_t2i)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.sample_size == 32
+    assert pipe.vae.config.scaling_factor != 0.18215          # measured on the training latents
+    assert pipe.scheduler.config.clip_sample is False
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (256, 256)                          # the default resolution: 32 x 8
+
+
+def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
+    recipe = tiny_recipe("shapes-t2i").replace(steps=4, checkpoint_every=2)
+    straight = train(recipe, tmp_path / "a", progress=False)
+    # interrupted at its first checkpoint, then resumed
+    assert train(recipe, tmp_path / "b", progress=False, stop_at=2) is None
+    meta = json.loads((tmp_path / "b" / "denoiser" / "meta.json").read_text())
+    assert meta["step"] == 2
+    resumed = train(recipe, tmp_path / "b", progress=False)
+    for component in ("transformer", "text_encoder", "vae"):
+        a, b = _weights(straight, component), _weights(resumed, component)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    other = _weights(train(recipe.replace(seed=1), tmp_path / "c", progress=False))
+    assert any(not torch.equal(other[k], _weights(straight)[k]) for k in other)
+
+
+def test_tiny_t2v_trains_and_generates(tmp_path):
+    from diffusers import WanPipeline
+
+    recipe = tiny_recipe("shapes-t2v").replace(frames=5, image_size=64, steps=2)
+    out = train(recipe, tmp_path, progress=False)
+    pipe = WanPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    video = pipe("a red circle moving left", num_inference_steps=2, height=64, width=64, num_frames=5,
+                 generator=torch.Generator().manual_seed(0), output_type="np").frames
+    assert video.shape == (1, 5, 64, 64, 3)
+    assert len(pipe.vae.config.latents_std) == recipe.latent_channels
+
+
+def test_eval_and_bench_report_evaluator_scores(tiny_t2i):
+    from accel.bench import run_bench
+    from pipelines.zoo import load_reference
+    from pipelines.zoo.scoring import bench_scorers, evaluate_pipeline, heldout_prompts
+
+    pipe = load_reference("shapes-t2i", path=tiny_t2i)
+    report, outputs = evaluate_pipeline(pipe, "shapes-t2i", n=2, progress=False, num_inference_steps=2)
+    assert report["n"] == 2 and len(outputs) == 2 and outputs[0].shape == (256, 256, 3)
+    assert set(report["attributes"]) == {"colour", "shape", "size", "position"}
+    assert report["frechet"] >= 0
+    result = run_bench(pipe, [], heldout_prompts("shapes-t2i", 2), {"num_inference_steps": 2}, runs=1,
+                       warmup=0, progress=False, scorers=bench_scorers("shapes-t2i"))
+    row = result["rows"][0] if isinstance(result["rows"], list) else result["rows"]["baseline"]
+    for key in ("evaluator_accuracy", "adherence", "frechet", "psnr"):
+        assert key in row
+
+
+def test_load_reference_errors():
+    from pipelines.zoo import load_reference
+
+    with pytest.raises(ValueError, match="unknown reference model"):
+        load_reference("shapes-xyz")
