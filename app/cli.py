@@ -67,10 +67,33 @@ def _zoo_eval(args: argparse.Namespace) -> int:
                                       "real_frechet_floor")}
     print(json.dumps(summary, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-        print(f"wrote {args.out}")
+        from accel.bench import hardware
+
+        report["hardware"] = hardware()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=str))
+        out.with_suffix(".md").write_text(_zoo_markdown(args.name, report))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def _zoo_markdown(name: str, report: dict) -> str:
+    first20 = report["correct"][:20]
+    lines = [
+        f"# {name}: held-out evaluation", "",
+        f"`{report['command']}` — {report['n']} held-out prompts, {report['call']}, seeds {report['seed']}+i.", "",
+        "| metric | value |", "|---|---|",
+        *[f"| {a} accuracy | {v:.1%} |" for a, v in report["attributes"].items()],
+        f"| count correct | {report['count']:.1%} |",
+        f"| overall adherence (mean of attributes) | {report['overall']:.1%} |",
+        f"| fully correct images | {report['image_accuracy']:.1%} |",
+        f"| fully correct, first 20 prompts | {sum(first20)}/{len(first20)} |",
+        f"| Fréchet distance to real renders | {report['frechet']:.3f} "
+        f"(real vs real: {report['real_frechet_floor']:.3f}) |",
+        "", f"Hardware: {report.get('hardware', {})}", "",
+    ]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,8 +52,8 @@ class Recipe:
     caption_dropout: float = 0.1
     # optimisation
     vae_steps: int = 1500
-    vae_batch: int = 16
-    vae_crop: int = 96
+    vae_batch: int = 4
+    vae_crop: int = 256                          # full images: crops shift GroupNorm's statistics
     vae_frames: int = 1
     vae_lr: float = 1e-3
     steps: int = 5000
@@ -123,7 +123,9 @@ def build_vae(r: Recipe):
 
         n = len(r.vae_channels)
         return AutoencoderKL(
-            block_out_channels=r.vae_channels, latent_channels=r.latent_channels, norm_num_groups=8,
+            # two groups per GroupNorm: one channel per group would normalise each channel's level
+            # over the image away, and with it the colour of flat shapes
+            block_out_channels=r.vae_channels, latent_channels=r.latent_channels, norm_num_groups=2,
             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
             layers_per_block=1, mid_block_add_attention=False, sample_size=r.image_size,
         )

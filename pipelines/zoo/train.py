@@ -77,7 +77,7 @@ def _video(r: Recipe) -> bool:
 # --------------------------------------------------------------------------- stage 1: VAE
 
 def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
-    """Train the autoencoder on random crops of training scenes (reconstruction L1 + MSE + tiny KL)."""
+    """Train the autoencoder on training scenes (reconstruction L1 + MSE, a tiny pull on latent size)."""
     ckpt = work / "vae"
     if (ckpt / "done").exists():
         vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
@@ -109,10 +109,10 @@ def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r, r.vae_steps, r.vae_lr, 50)
         post = vae.encode(x).latent_dist
-        z = post.sample(generator=torch.Generator().manual_seed(step))
-        rec = vae.decode(z).sample
-        kl = post.kl().mean() / x[0].numel()     # a light pull towards N(0, 1), per element
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        # decode the posterior mean: sampling with the initial unit variance drowns the latents in
+        # noise and the decoder learns to ignore colour; the diffusion model is trained on the mean too
+        rec = vae.decode(post.mode()).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -279,6 +279,32 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
 
 
 # --------------------------------------------------------------------------- driver
+
+def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
+    """The pipeline at the latest denoiser checkpoint of a (possibly unfinished) run, EMA weights by default."""
+    r = RECIPES[name_or_recipe] if isinstance(name_or_recipe, str) else name_or_recipe
+    work = Path(work_dir)
+    if not (work / "denoiser" / "meta.json").exists():
+        raise FileNotFoundError(f"no denoiser checkpoint in {work}")
+    parts = build_components(r)
+    parts["vae"].load_state_dict(load_file(work / "vae" / "vae.safetensors"))
+    encode_dataset(r, parts["vae"], work, progress=False)          # cached latents: sets the scaling
+    nets = _trainables(parts)
+    state = load_file(work / "denoiser" / "model.safetensors")
+    for name, m in nets.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+    if ema:
+        shadow = load_file(work / "denoiser" / "ema.safetensors")
+        params = [p for m in nets.values() for p in m.parameters()]
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(shadow[str(i)])
+    pipe = assemble(r, parts)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval().requires_grad_(False)
+    return pipe
+
 
 def train(name_or_recipe, work_dir, out_dir=None, progress: bool = True, threads: int | None = None,
           stop_at: int | None = None) -> Path | None:
