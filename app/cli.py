@@ -40,11 +40,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _zoo_train(args: argparse.Namespace) -> int:
+    from pipelines.zoo.recipes import RECIPES
     from pipelines.zoo.train import train
 
-    out = train(args.name, args.work_dir or f"runs/{args.name}", args.out, progress=not args.quiet,
-                threads=args.threads or None)
-    print(f"pipeline written to {out}")
+    if args.name not in RECIPES:
+        print(f"unknown reference model {args.name!r}; choose one of: {', '.join(sorted(RECIPES))}", file=sys.stderr)
+        return 2
+    recipe = RECIPES[args.name].replace(steps=args.steps) if args.steps else RECIPES[args.name]
+    out = train(recipe, args.work_dir or f"runs/{args.name}", args.out, progress=not args.quiet,
+                threads=args.threads or None, stop_at=args.stop_at)
+    print(f"pipeline written to {out}" if out else f"stopped at a checkpoint at or after step {args.stop_at}; "
+          "run the same command without --stop-at to resume")
     return 0
 
 
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--work-dir", help="checkpoints and caches (default runs/NAME); rerun to resume")
     zt.add_argument("--out", help="where the pipeline is written (default WORK_DIR/pipeline)")
     zt.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    zt.add_argument("--stop-at", type=int, help="stop at the first checkpoint at or after this denoiser step")
+    zt.add_argument("--steps", type=int, default=0,
+                    help="denoiser steps (default: the recipe's); a larger value continues a finished run")
     zt.add_argument("--quiet", action="store_true")
     zt.set_defaults(func=_zoo_train)
     ze = zsub.add_parser("eval", help="score a reference model on held-out prompts")
