@@ -68,17 +68,22 @@ class Reading:
     shares: np.ndarray        # fraction of the cell nearest to each palette colour (foreground only)
 
 
+def _uint8_array(x, ndim: int, layout: str) -> np.ndarray:
+    """A tensor, PIL image or array (uint8, or float in [0, 1]) as a uint8 array of `ndim` dims ending in 3."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if hasattr(x, "convert"):      # PIL
+        x = x.convert("RGB")
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        x = np.clip(np.rint(x.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    if x.ndim != ndim or x.shape[-1] != 3:
+        raise ValueError(f"expected a {layout} array, got shape {x.shape}")
+    return x
+
+
 def _as_uint8(image) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if hasattr(image, "convert"):      # PIL
-        image = np.asarray(image.convert("RGB"))
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        image = np.clip(np.rint(image.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-    return image
+    return _uint8_array(image, 3, "(H, W, 3) image")
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
@@ -242,16 +247,9 @@ def chance_rates() -> dict[str, float]:
 # --------------------------------------------------------------------------- clips
 
 def _as_clip(clip) -> np.ndarray:
-    if isinstance(clip, torch.Tensor):
-        clip = clip.detach().cpu().numpy()
     if isinstance(clip, list | tuple):
         clip = np.stack([_as_uint8(f) for f in clip])
-    clip = np.asarray(clip)
-    if clip.dtype != np.uint8:
-        clip = np.clip(np.rint(clip.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    if clip.ndim != 4 or clip.shape[-1] != 3:
-        raise ValueError(f"expected a (T, H, W, 3) clip, got shape {clip.shape}")
-    return clip
+    return _uint8_array(clip, 4, "(T, H, W, 3) clip")
 
 
 def _colour_centroid(frame: np.ndarray, colour: str, near) -> np.ndarray | None:
