@@ -76,15 +76,13 @@ def test_config_roundtrip_and_malformed_files(tmp_path):
     cfg = StaticCacheConfig(interval=3, warmup_steps=2, components=["attn1", "ff"])
     cfg.save(tmp_path / "c.json")
     assert StaticCacheConfig.load(tmp_path / "c.json") == cfg
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(accel.ConfigError, match="not valid JSON"):
-        StaticCacheConfig.load(tmp_path / "bad.json")
-    (tmp_path / "field.json").write_text('{"interval": 2, "intervall": 3}')
-    with pytest.raises(accel.ConfigError, match="intervall"):
-        StaticCacheConfig.load(tmp_path / "field.json")
-    (tmp_path / "zero.json").write_text('{"interval": 0}')
-    with pytest.raises(accel.ConfigError, match="interval"):
-        StaticCacheConfig.load(tmp_path / "zero.json")
-    (tmp_path / "version.json").write_text('{"format_version": 99, "interval": 2}')
-    with pytest.raises(accel.ConfigError, match="format_version"):
-        StaticCacheConfig.load(tmp_path / "version.json")
+    malformed = {
+        "{not json": "not valid JSON",
+        '{"interval": 2, "intervall": 3}': "intervall",
+        '{"interval": 0}': "interval",
+        '{"format_version": 99, "interval": 2}': "format_version",
+    }
+    for text, message in malformed.items():
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(accel.ConfigError, match=message):
+            StaticCacheConfig.load(tmp_path / "bad.json")

@@ -82,7 +82,8 @@ def _uint8_array(x, ndim: int, layout: str) -> np.ndarray:
     return x
 
 
-def _as_uint8(image) -> np.ndarray:
+def as_image(image) -> np.ndarray:
+    """An image (uint8 HWC, float HWC in [0, 1], tensor or PIL) as uint8 HWC."""
     return _uint8_array(image, 3, "(H, W, 3) image")
 
 
@@ -140,7 +141,7 @@ def read_cell(image: np.ndarray, fg: np.ndarray, cell) -> Reading:
 
 def read_image(image) -> dict[tuple[int, int], Reading]:
     """Readings of every grid cell of an image (uint8 HWC, float HWC in [0, 1], or PIL)."""
-    image = _as_uint8(image)
+    image = as_image(image)
     fg = foreground(image)
     return {cell: read_cell(image, fg, cell) for cell in CELLS}
 
@@ -246,9 +247,10 @@ def chance_rates() -> dict[str, float]:
 
 # --------------------------------------------------------------------------- clips
 
-def _as_clip(clip) -> np.ndarray:
+def as_clip(clip) -> np.ndarray:
+    """A clip (THWC uint8/float, tensor, or a list of frames) as uint8 THWC."""
     if isinstance(clip, list | tuple):
-        clip = np.stack([_as_uint8(f) for f in clip])
+        clip = np.stack([as_image(f) for f in clip])
     return _uint8_array(clip, 4, "(T, H, W, 3) clip")
 
 
@@ -287,7 +289,7 @@ def score_clips(clips, prompts) -> dict:
         raise ValueError(f"{len(clips)} clips but {len(prompts)} prompts")
     results = []
     for clip, prompt in zip(clips, prompts, strict=True):
-        clip = _as_clip(clip)
+        clip = as_clip(clip)
         readings = read_image(clip[len(clip) // 2])
         res = score_readings(readings, prompt)
         for obj, v in zip(parse_prompt(prompt), res["objects"], strict=True):

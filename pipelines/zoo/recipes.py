@@ -13,7 +13,7 @@ DDIM without clipping for PixArt (its pipeline needs `init_noise_sigma`), flow-m
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -63,7 +63,6 @@ class Recipe:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def replace(self, **kw) -> Recipe:
         return dataclasses.replace(self, **kw)

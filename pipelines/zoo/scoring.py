@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evaluate import features, frechet_distance, score_clips, score_images
+from .evaluate import as_clip, as_image, features, frechet_distance, score_clips, score_images
 from .shapes import caption, render_clip, render_image, sample_scenes
 
 # call settings of each reference model's evaluation (the pipeline defaults, made explicit)
@@ -46,10 +46,8 @@ def _render(name: str, scene, call: dict):
 
 
 def _frames(output):
-    """Images (HWC) or clips (THWC) of a pipeline call, as numpy arrays."""
-    if hasattr(output, "images"):
-        return [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im) for im in output.images]
-    return [np.asarray(v) for v in output.frames]
+    """Images (PIL or HWC) or clips (THWC) of a pipeline call, one per prompt."""
+    return list(output.images) if hasattr(output, "images") else list(output.frames)
 
 
 def _feats(name, outputs):
@@ -77,7 +75,7 @@ def evaluate_pipeline(pipe, name: str, n: int = 200, seed: int = 0, batch: int =
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
         kw = {"output_type": "np"} if is_video(name) else {}
         outputs += _frames(pipe(chunk, generator=gens, **call, **kw))
-    outputs = [_as_uint8(o) for o in outputs]
+    outputs = [_as_uint8(name, o) for o in outputs]
     report = score_outputs(name, outputs, prompts)
     real = [_render(name, s, call) for s in scenes]
     report["frechet"] = frechet_distance(_feats(name, outputs), _feats(name, real))
@@ -88,11 +86,8 @@ def evaluate_pipeline(pipe, name: str, n: int = 200, seed: int = 0, batch: int =
     return report, outputs
 
 
-def _as_uint8(x):
-    x = np.asarray(x)
-    if x.dtype != np.uint8:
-        x = np.clip(np.rint(x.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-    return x
+def _as_uint8(name: str, x) -> np.ndarray:
+    return as_clip(x) if is_video(name) else as_image(x)
 
 
 def _channels_last(out):
@@ -133,7 +128,7 @@ def bench_scorers(name: str, real_scenes=None, call: dict | None = None) -> dict
     real_feats = _feats(name, [_render(name, s, call) for s in scenes])
 
     def _outs(outputs):
-        return [_as_uint8(_channels_last(o)) for o in outputs]
+        return [_as_uint8(name, _channels_last(o)) for o in outputs]
 
     def accuracy(outputs, prompts):
         return score_outputs(name, _outs(outputs), prompts)["image_accuracy"]

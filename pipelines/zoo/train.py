@@ -50,7 +50,7 @@ def _atomic_dir_write(target: Path, write) -> None:
         shutil.rmtree(old)
 
 
-def _lr_at(step: int, r: Recipe, total: int, base: float, warmup: int) -> float:
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     p = (step - warmup) / max(total - warmup, 1)
@@ -107,7 +107,7 @@ def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
             crops.append(img[..., y0:y0 + r.vae_crop, x0:x0 + r.vae_crop, :])
         x = _to_tensor(crops)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, r, r.vae_steps, r.vae_lr, 50)
+            g["lr"] = _lr_at(step, r.vae_steps, r.vae_lr, 50)
         post = vae.encode(x).latent_dist
         # decode the posterior mean: sampling with the initial unit variance drowns the latents in
         # noise and the decoder learns to ignore colour; the diffusion model is trained on the mean too
@@ -210,6 +210,23 @@ def _wan_text_length() -> int:
     return inspect.signature(WanPipeline.__call__).parameters["max_sequence_length"].default
 
 
+def _load_nets(nets: dict, ckpt: Path) -> None:
+    """Load the trained networks from a denoiser checkpoint (keys are prefixed by the network's name)."""
+    state = load_file(ckpt / "model.safetensors")
+    for name, m in nets.items():
+        m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+
+
+def _ema_shadow(ckpt: Path, count: int) -> list[torch.Tensor]:
+    """The EMA copies of the `count` trained parameters, in parameter order."""
+    state = load_file(ckpt / "ema.safetensors")
+    return [state[str(i)] for i in range(count)]
+
+
+def _recipe(name_or_recipe) -> Recipe:
+    return RECIPES[name_or_recipe] if isinstance(name_or_recipe, str) else name_or_recipe
+
+
 def _trainables(parts):
     return {"transformer": parts["transformer"], "text_encoder": parts["text_encoder"]}
 
@@ -226,11 +243,8 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
     ckpt = work / "denoiser"
     start = 0
     if (ckpt / "meta.json").exists():
-        state = load_file(ckpt / "model.safetensors")
-        for name, m in nets.items():
-            m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-        ema_state = load_file(ckpt / "ema.safetensors")
-        ema.shadow_params = [ema_state[str(i)].clone() for i in range(len(params))]
+        _load_nets(nets, ckpt)
+        ema.shadow_params = [t.clone() for t in _ema_shadow(ckpt, len(params))]
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         meta = json.loads((ckpt / "meta.json").read_text())
         start, ema.optimization_step = meta["step"], meta["ema_step"]
@@ -245,7 +259,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
         drop = torch.rand(r.batch, generator=gen) < r.caption_dropout
         texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, r, r.steps, r.lr, r.warmup)
+            g["lr"] = _lr_at(step, r.steps, r.lr, r.warmup)
         loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr")
@@ -282,7 +296,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
 
 def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
     """The pipeline at the latest denoiser checkpoint of a (possibly unfinished) run, EMA weights by default."""
-    r = RECIPES[name_or_recipe] if isinstance(name_or_recipe, str) else name_or_recipe
+    r = _recipe(name_or_recipe)
     work = Path(work_dir)
     if not (work / "denoiser" / "meta.json").exists():
         raise FileNotFoundError(f"no denoiser checkpoint in {work}")
@@ -290,15 +304,12 @@ def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
     parts["vae"].load_state_dict(load_file(work / "vae" / "vae.safetensors"))
     encode_dataset(r, parts["vae"], work, progress=False)          # cached latents: sets the scaling
     nets = _trainables(parts)
-    state = load_file(work / "denoiser" / "model.safetensors")
-    for name, m in nets.items():
-        m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+    _load_nets(nets, work / "denoiser")
     if ema:
-        shadow = load_file(work / "denoiser" / "ema.safetensors")
         params = [p for m in nets.values() for p in m.parameters()]
         with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(shadow[str(i)])
+            for p, shadow in zip(params, _ema_shadow(work / "denoiser", len(params)), strict=True):
+                p.copy_(shadow)
     pipe = assemble(r, parts)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -313,7 +324,7 @@ def train(name_or_recipe, work_dir, out_dir=None, progress: bool = True, threads
     `stop_at` stops the denoiser stage at the first checkpoint at or after that step (returns None);
     calling again resumes it.
     """
-    r = RECIPES[name_or_recipe] if isinstance(name_or_recipe, str) else name_or_recipe
+    r = _recipe(name_or_recipe)
     if threads:
         torch.set_num_threads(threads)
     work = Path(work_dir)
