@@ -46,6 +46,10 @@ class BenchEntry:
     configs: tuple = ()
     peer: bool = False  # a diffusers built-in, run through accel.apply like ours
     settings: dict = field(default_factory=dict)  # what to print about it (e.g. {"interval": 2})
+    family: str = ""  # rows of one method at several settings share a family (default: first word of name)
+
+    def __post_init__(self):
+        self.family = self.family or self.name.split(" ")[0]
 
 
 def hardware() -> dict:
@@ -185,7 +189,7 @@ def run_bench(pipe, entries: list[BenchEntry], prompts: list[str], call_kwargs: 
                     bar.update()
             if entry is baseline:
                 references = outs
-            row = {"name": entry.name, "peer": entry.peer, "settings": entry.settings,
+            row = {"name": entry.name, "family": entry.family, "peer": entry.peer, "settings": entry.settings,
                    "configs": [type(c).__name__ for c in entry.configs],
                    "component_calls": sum(calls) / len(calls)}
             row["psnr"] = statistics.fmean(metrics.psnr(o, r) for o, r in zip(outs, references))
@@ -240,6 +244,61 @@ def run_bench(pipe, entries: list[BenchEntry], prompts: list[str], call_kwargs: 
     return result
 
 
+def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speedup, psnr) points no other point beats (faster and at least as good), by speedup."""
+    out: list[tuple[float, float]] = []
+    for s, q in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not out or q > out[-1][1]:
+            out.append((s, q))
+    return out[::-1]
+
+
+def psnr_at(points: list[tuple[float, float]], speedup: float) -> float | None:
+    """A method's PSNR at ``speedup`` by DESIGN § 6: linear interpolation along its envelope of
+    (speedup, psnr) settings; ``None`` when no setting reaches that speedup. Below the slowest
+    setting, that setting's PSNR."""
+    env = [(s, q) for s, q in envelope(points) if math.isfinite(q)]
+    if not env or speedup > env[-1][0]:
+        return None
+    if speedup <= env[0][0]:
+        return env[0][1]
+    for (s0, q0), (s1, q1) in zip(env, env[1:]):
+        if s0 <= speedup <= s1:
+            return q0 + (q1 - q0) * (speedup - s0) / (s1 - s0)
+    return None
+
+
+def compare_families(result: dict, family: str, speedups: tuple[float, ...] = (2.0, 2.5)) -> dict:
+    """PSNR of ``family`` minus each other family's at each speedup (``None`` for a peer that cannot
+    reach it: it counts as below). Returns ``{speedup: {"ours": psnr, "peers": {family: psnr},
+    "margin": ours - best reachable peer}}``."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in result["rows"]:
+        if row["name"] != "baseline":
+            groups.setdefault(row.get("family") or row["name"].split(" ")[0], []).append((row["speedup"], row["psnr"]))
+    if family not in groups:
+        raise ValueError(f"no rows of family {family!r}; families: {sorted(groups)}")
+    out = {}
+    for s in speedups:
+        ours = psnr_at(groups[family], s)
+        peers = {f: psnr_at(p, s) for f, p in groups.items() if f != family}
+        reachable = [v for v in peers.values() if v is not None]
+        margin = None if ours is None else (ours - max(reachable) if reachable else math.inf)
+        out[s] = {"ours": ours, "peers": peers, "margin": margin}
+    return out
+
+
+def comparison_markdown(comparison: dict, family: str) -> str:
+    peers = sorted({f for v in comparison.values() for f in v["peers"]})
+    head = ["speedup", f"{family} PSNR", *[f"{p} PSNR" for p in peers], "margin over best peer"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s, v in comparison.items():
+        cells = [f"{s:g}×", _fmt(v["ours"]), *[_fmt(v["peers"][p]) if v["peers"][p] is not None else "cannot reach"
+                                                for p in peers], _fmt(v["margin"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value, digits=2):
     if value is None:
         return "–"
@@ -260,6 +319,31 @@ def markdown_table(result: dict) -> str:
                  f"{100 * row['skipped_fraction']:.1f}%", *(_fmt(row.get(k), 3) for k in extra)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_results(result: dict, path: str | os.PathLike) -> None:
+    """Speedup vs PSNR, one line per family (identical outputs drawn at the top of the axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in result["rows"]:
+        if row["name"] != "baseline" and row["psnr"] is not None and math.isfinite(row["psnr"]):
+            groups.setdefault(row.get("family") or row["name"].split(" ")[0], []).append((row["speedup"], row["psnr"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (family, points) in enumerate(sorted(groups.items())):
+        points.sort()
+        ax.plot(*zip(*points), marker="os^vD<>"[k % 7], lw=1.2 if family != "ECAD" else 2.2, label=family)
+    ax.set_xlabel("speedup (end-to-end, measured)")
+    ax.set_ylabel("PSNR vs uncached (dB)")
+    ax.set_title(f"{result['suite']}: {result['hardware'].get('gpu') or result['hardware']['cpu_model']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _json_safe(value):
@@ -290,7 +374,12 @@ def write_results(result: dict, out_dir: str | os.PathLike = "benchmarks/results
         f"{result['warmup']} warm-up; speedups are ratios within this run.",
         "", result["table"], "",
     ]
+    if result.get("comparison_md"):
+        md += ["PSNR at equal speedup (interpolated along each method's settings; DESIGN § 6):", "",
+               result["comparison_md"], ""]
     if result.get("notes"):
         md += [result["notes"], ""]
+    if len(result["rows"]) > 2:
+        plot_results(result, out_dir / f"{result['suite']}.png")
     (out_dir / f"{result['suite']}.md").write_text("\n".join(md))
     return path

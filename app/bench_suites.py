@@ -2,7 +2,7 @@
 
     >>> from app.bench_suites import SUITES
     >>> sorted(SUITES)
-    ['overhead', 'shapes-t2i', 'shapes-t2v', 'tiny']
+    ['ecad-shapes-t2i', 'overhead', 'shapes-t2i', 'shapes-t2v', 'tiny']
 
 A suite returns (pipeline, entries, prompts, call kwargs, run settings). The tiny suites run on
 randomly initialised pipelines: their *speed* ratios and computation counts are real, their PSNR is
@@ -12,6 +12,7 @@ fidelity to the uncached output of a random model and says nothing about visual 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from accel.bench import BenchEntry
 from caching import StaticCacheConfig
@@ -34,6 +35,7 @@ class Suite:
     notes: str = ""
     extra: dict = field(default_factory=dict)
     scorers: dict = field(default_factory=dict)
+    compare: str = ""  # family whose PSNR is compared with every other family's at equal speedup
 
 
 def _diffusers_peers(pixart: bool = True) -> list[BenchEntry]:
@@ -109,4 +111,50 @@ def shapes_t2v() -> Suite:
     return _reference("shapes-t2v")
 
 
-SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v}
+def _pick_spread(configs: list, k: int) -> list:
+    """``k`` schedules spread evenly over the frontier's estimated speedups."""
+    configs = sorted(configs, key=lambda c: c.provenance.get("speedup", 0.0))
+    if len(configs) <= k:
+        return configs
+    idx = sorted({round(i * (len(configs) - 1) / (k - 1)) for i in range(k)})
+    return [configs[i] for i in idx]
+
+
+def ecad_shapes_t2i(schedules: str | None = None, k: int = 6) -> Suite:
+    """ECAD frontier schedules on shapes-t2i against every-N static schedules and diffusers' caches,
+    each at four or more settings, compared at equal speedup (DESIGN § 6)."""
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    from caching import ECADConfig
+    from caching.ecad_search import shipped_schedules
+
+    suite = _reference("shapes-t2i")
+    configs = shipped_schedules("shapes-t2i") if schedules is None else [
+        ECADConfig.load(p) for p in sorted(Path(schedules).glob("*.json")) if p.name[0].isdigit()]
+    if not configs:
+        raise SystemExit(f"no ECAD schedules found in {schedules or 'the shipped shapes-t2i frontier'}")
+    entries = [BenchEntry(f"ECAD est{c.provenance.get('speedup', 0):.2f}x", (c,), family="ECAD",
+                          settings={"estimated_speedup": c.provenance.get("speedup")})
+               for c in _pick_spread(configs, k)]
+    for warmup in (0, 2):
+        entries += [BenchEntry(f"StaticCache n={n} w={warmup}", (StaticCacheConfig(interval=n, warmup_steps=warmup),),
+                               family="StaticCache", settings={"interval": n, "warmup_steps": warmup})
+                    for n in (2, 3, 4, 5)]
+    taylor_ids = [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"]
+    entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
+                           settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
+    entries += [BenchEntry(f"TaylorSeer n={n}", (TaylorSeerCacheConfig(
+        cache_interval=n, disable_cache_before_step=2, taylor_factors_dtype=None, cache_identifiers=taylor_ids),),
+        peer=True, settings={"cache_interval": n}) for n in (2, 3, 4, 5)]
+    entries += [BenchEntry(f"PAB spatial={r}", (PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=r, spatial_attention_timestep_skip_range=(100, 800)),), peer=True,
+        settings={"spatial_attention_block_skip_range": r}) for r in (2, 3, 4, 6)]
+    suite.entries = entries
+    suite.compare = "ECAD"
+    suite.notes = (suite.notes + " ECAD rows are frontier schedules searched on calibration prompts (disjoint from "
+                   "these held-out prompts); StaticCache rows are every-N schedules with 0 or 2 warm-up steps.")
+    return suite
+
+
+SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v,
+          "ecad-shapes-t2i": ecad_shapes_t2i}

@@ -5,6 +5,8 @@
     $ accel bench shapes-t2i    # the trained reference model: fidelity, evaluator accuracy, Fréchet
     $ accel zoo train shapes-t2i --work-dir runs/shapes-t2i    # retrain a reference model (resumable)
     $ accel zoo eval shapes-t2i # held-out prompt adherence of the shipped model
+    $ accel ecad search --model shapes-t2i --work-dir runs/ecad   # NSGA-II cache-schedule search
+    $ accel ecad show runs/ecad/frontier/00_*.json                # summary + heat-map PNG
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
 """
@@ -27,14 +29,21 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    suite = SUITES[args.suite]()
+    suite = SUITES[args.suite](schedules=args.schedules) if args.schedules else SUITES[args.suite]()
     result = run_bench(
         suite.pipe, suite.entries, suite.prompts[: args.prompts] if args.prompts else suite.prompts,
         suite.call_kwargs, runs=args.runs or suite.runs, warmup=suite.warmup, suite=args.suite,
         notes=suite.notes, progress=not args.quiet, scorers=suite.scorers,
     )
+    if suite.compare:
+        from accel.bench import compare_families, comparison_markdown
+
+        result["comparison"] = compare_families(result, suite.compare)
+        result["comparison_md"] = comparison_markdown(result["comparison"], suite.compare)
     path = write_results(result, args.out, command="accel " + shlex.join(sys.argv[1:]))
     print(result["table"])
+    if suite.compare:
+        print("\n" + result["comparison_md"])
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
     return 0
 
@@ -102,6 +111,82 @@ def _zoo_markdown(name: str, report: dict) -> str:
     return "\n".join(lines)
 
 
+def _search_target(model: str, steps: int, n_prompts: int, prompts_file: str | None):
+    """(pipeline, call kwargs, calibration prompts, extra scorer) for ``--model``."""
+    from pathlib import Path
+
+    from pipelines.zoo import REFERENCES
+
+    if model == "tiny":
+        from pipelines.tiny import build_tiny
+
+        pipe = build_tiny("pixart")
+        call, prompts, extra = dict(pipe.tiny_call_kwargs), None, None
+    elif model in REFERENCES:
+        from pipelines.zoo import load_reference
+        from pipelines.zoo.scoring import EVAL_CALL, bench_scorers, calibration_prompts
+
+        pipe = load_reference(model)
+        call, prompts = dict(EVAL_CALL[model]), calibration_prompts(model, n_prompts)
+        extra = bench_scorers(model)["evaluator_accuracy"]
+    elif Path(model).is_dir():
+        from diffusers import DiffusionPipeline
+
+        pipe, call, prompts, extra = DiffusionPipeline.from_pretrained(model), {}, None, None
+    else:
+        raise SystemExit(f"--model {model!r}: not 'tiny', a reference model ({', '.join(REFERENCES)}) "
+                         "or a local diffusers pipeline folder")
+    if steps:
+        call["num_inference_steps"] = steps
+    if prompts_file:
+        prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
+    if prompts is None:
+        from caching.ecad_search import default_prompts
+
+        prompts = default_prompts()
+    return pipe, call, prompts[:n_prompts], extra
+
+
+def _ecad_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from caching.ecad_search import SearchSettings, fidelity_scorer, search
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, call, prompts, extra = _search_target(args.model, args.steps, args.prompts, args.prompts_file)
+    scorer = fidelity_scorer
+    if extra is not None:
+        def scorer(outputs, references, prompts_):
+            return {**fidelity_scorer(outputs, references, prompts_), "evaluator_accuracy": extra(outputs, prompts_)}
+
+    settings = SearchSettings(pop_size=args.pop_size, generations=args.generations, seed=args.seed,
+                              cost=args.cost, reject_margin=args.reject_margin if args.reject_margin >= 0 else None)
+    result = search(pipe, prompts, args.work_dir, settings, call_kwargs=call, scorer=scorer, resume=args.resume,
+                    progress=not args.quiet)
+    from pathlib import Path
+
+    table = Path(args.work_dir) / "frontier" / "frontier.md"
+    if table.exists():
+        print(table.read_text())
+        print(f"schedules, frontier.md and frontier.png in {table.parent}")
+    return 0 if result["frontier"] else 1
+
+
+def _ecad_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from caching import ECADConfig
+    from caching.ecad_search import heatmap, summary
+
+    config = ECADConfig.load(args.file)
+    print(summary(config))
+    png = Path(args.png) if args.png else Path(args.file).with_suffix(".png")
+    heatmap(config, png)
+    print(f"heat-map: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Diffusion acceleration suite")
     parser.add_argument("--version", action="version", version="accel-suite 0.1.0")
@@ -113,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="output folder")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--schedules", help="ecad-* suites: a frontier folder of schedules (default: the shipped ones)")
     bench.set_defaults(func=_bench)
 
     zoo = sub.add_parser("zoo", help="reference models: train and evaluate")
@@ -137,6 +223,29 @@ def build_parser() -> argparse.ArgumentParser:
     ze.add_argument("--threads", type=int, default=0)
     ze.add_argument("--quiet", action="store_true")
     ze.set_defaults(func=_zoo_eval)
+
+    ecad = sub.add_parser("ecad", help="ECAD cache schedules: search and inspect")
+    esub = ecad.add_subparsers(dest="ecad_command", required=True)
+    es = esub.add_parser("search", help="NSGA-II search for a speed/quality frontier of schedules")
+    es.add_argument("--model", default="shapes-t2i",
+                    help="'tiny', a reference model name, or a local diffusers pipeline folder")
+    es.add_argument("--work-dir", required=True, help="checkpoints and the frontier (frontier/ inside)")
+    es.add_argument("--resume", action="store_true", help="continue a search stopped in WORK_DIR")
+    es.add_argument("--prompts", type=int, default=8, help="number of calibration prompts")
+    es.add_argument("--prompts-file", help="calibration prompts, one per line (default: the shipped list)")
+    es.add_argument("--steps", type=int, default=0, help="inference steps (default: the model's)")
+    es.add_argument("--pop-size", type=int, default=72)
+    es.add_argument("--generations", type=int, default=20)
+    es.add_argument("--cost", choices=("latency", "macs"), default="latency")
+    es.add_argument("--reject-margin", type=float, default=3.0, help="early rejection margin in dB (<0: off)")
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--threads", type=int, default=0)
+    es.add_argument("--quiet", action="store_true")
+    es.set_defaults(func=_ecad_search)
+    eshow = esub.add_parser("show", help="summarise a schedule file and draw its heat-map")
+    eshow.add_argument("file")
+    eshow.add_argument("--png", help="heat-map path (default: FILE with .png)")
+    eshow.set_defaults(func=_ecad_show)
     return parser
 
 

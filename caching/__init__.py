@@ -1,7 +1,8 @@
-"""Cache plug-ins (StaticCache now; ECAD, ERTACache and dKV-Cache build on the same core)."""
+"""Cache plug-ins: StaticCache and ECAD schedules (ERTACache and dKV-Cache build on the same core)."""
 
 import accel  # noqa: F401  (registers diffusers' cache configs as plug-ins)
 
+from .ecad import ECADConfig
 from .static import StaticCacheConfig
 
-__all__ = ["StaticCacheConfig"]
+__all__ = ["ECADConfig", "StaticCacheConfig"]

@@ -1,0 +1,96 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from caching import ECADConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["ecad", "search", "--model", "tiny", "--cost", "macs", "--pop-size", "8", "--generations", "4",
+        "--prompts", "3", "--threads", "1", "--quiet"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _frontier(work: Path) -> list:
+    out = []
+    for path in sorted((work / "frontier").glob("*.json")):
+        cfg = ECADConfig.load(path)
+        out.append((cfg.schedule, round(cfg.provenance["psnr"], 9), cfg.provenance["macs"]))
+    return out
+
+
+def _evaluated(work: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in work.glob("evals.rank*.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ecad") / "straight"
+    assert main([*ARGS, "--work-dir", str(work)]) == 0
+    return work
+
+
+def test_search_writes_frontier_table_plot_and_schedules(uninterrupted, capsys):
+    work = uninterrupted
+    files = sorted((work / "frontier").glob("*.json"))
+    assert files and (work / "frontier" / "frontier.png").stat().st_size > 1000
+    assert "| schedule |" in (work / "frontier" / "frontier.md").read_text()
+    configs = [ECADConfig.load(f) for f in files]
+    macs = [c.provenance["macs"] for c in configs]
+    psnr = [c.provenance["psnr"] for c in configs]
+    assert macs == sorted(macs) and psnr == sorted(psnr)  # a frontier: cheaper is worse
+    assert all(c.provenance["rejected"] is False and c.resolution == [16, 16] for c in configs)
+    gen = json.loads((work / "generation.json").read_text())
+    assert gen["generation"] == 4 and len(gen["population"]) == 8
+    assert main(["ecad", "show", str(files[0]), "--png", str(work / "h.png")]) == 0
+    assert "recompute" in capsys.readouterr().out and (work / "h.png").stat().st_size > 500
+    # same seed, same search: rerunning into a new folder reproduces the frontier
+    again = work.parent / "again"
+    assert main([*ARGS, "--work-dir", str(again)]) == 0
+    assert _frontier(again) == _frontier(work)
+
+
+def test_existing_search_needs_resume_and_matching_settings(uninterrupted):
+    import accel
+
+    with pytest.raises(accel.ConfigError, match="resume"):
+        main([*ARGS, "--work-dir", str(uninterrupted)])
+    with pytest.raises(accel.ConfigError, match="cannot resume, settings"):
+        main([*ARGS, "--seed", "1", "--work-dir", str(uninterrupted), "--resume"])
+
+
+def test_killed_search_resumes_exactly(uninterrupted, tmp_path):
+    work = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "app.cli", *ARGS, "--work-dir", str(work)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # kill it in the middle of the second generation (8 evaluations make the first)
+    while time.time() < deadline and proc.poll() is None and (not work.exists() or _evaluated(work) < 11):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _evaluated(work)
+    assert 11 <= done < 32 and not (work / "frontier").exists()
+    assert main([*ARGS, "--work-dir", str(work), "--resume"]) == 0
+    assert _frontier(work) == _frontier(uninterrupted)
+
+
+def test_two_processes_give_the_one_process_result(uninterrupted, tmp_path):
+    work = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "app.cli", *ARGS, "--work-dir", str(work)]
+    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(list(work.glob("evals.rank*.jsonl"))) == 2  # both processes evaluated candidates
+    assert all(p.read_text() for p in work.glob("evals.rank*.jsonl"))
+    assert _frontier(work) == _frontier(uninterrupted)
