@@ -187,6 +187,58 @@ def _ecad_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ecad_transfer(args: argparse.Namespace) -> int:
+    """Run one schedule at the model's default resolution and at ``--size``: speedup kept, PSNR change."""
+    import json
+
+    import torch
+
+    from accel.bench import BenchEntry, hardware, run_bench
+    from caching import ECADConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, call, _, _ = _search_target(args.model, 0, 0, None)
+    from pipelines.zoo import REFERENCES
+
+    prompts = None
+    if args.model in REFERENCES:
+        from pipelines.zoo.scoring import heldout_prompts
+
+        prompts = heldout_prompts(args.model, args.prompts)
+    else:
+        from caching.ecad_search import default_prompts
+
+        prompts = default_prompts()[: args.prompts]
+    config = ECADConfig.load(args.schedule)
+    runs = {}
+    for label, extra in (("default", {}), (f"{args.size}px", {"height": args.size, "width": args.size,
+                                                              "use_resolution_binning": False})):
+        result = run_bench(pipe, [BenchEntry("ECAD", (config,))], prompts, {**call, **extra}, runs=args.runs,
+                           progress=not args.quiet, suite=f"ecad-transfer-{label}")
+        runs[label] = {k: result["rows"][1][k] for k in ("speedup", "psnr", "ssim", "latency_s")}
+        runs[label]["baseline_latency_s"] = result["rows"][0]["latency_s"]
+    (a, b) = runs.values()
+    report = {"schedule": str(args.schedule), "model": args.model, "size": args.size, "runs": runs,
+              "speedup_kept": b["speedup"] / a["speedup"], "psnr_change_db": b["psnr"] - a["psnr"],
+              "hardware": hardware(), "command": "accel " + shlex.join(sys.argv[1:])}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        md = [f"# ECAD schedule at another resolution ({args.model})", "", f"Command: `{report['command']}`", "",
+              f"Schedule: `{args.schedule}` ({config.resolution} at search time); {len(prompts)} held-out prompts; "
+              f"{report['hardware'].get('gpu') or report['hardware']['cpu_model']}.", "",
+              "| resolution | speedup | PSNR (dB) | SSIM |", "|---|---|---|---|"]
+        md += [f"| {k} | {v['speedup']:.3f}× | {v['psnr']:.2f} | {v['ssim']:.4f} |" for k, v in runs.items()]
+        md += ["", f"Speedup kept: {report['speedup_kept']:.1%}; PSNR change: {report['psnr_change_db']:+.2f} dB.", ""]
+        out.with_suffix(".md").write_text("\n".join(md))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Diffusion acceleration suite")
     parser.add_argument("--version", action="version", version="accel-suite 0.1.0")
@@ -246,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     eshow.add_argument("file")
     eshow.add_argument("--png", help="heat-map path (default: FILE with .png)")
     eshow.set_defaults(func=_ecad_show)
+    et = esub.add_parser("transfer", help="check a schedule at a second resolution (speedup kept, PSNR change)")
+    et.add_argument("schedule")
+    et.add_argument("--model", default="shapes-t2i")
+    et.add_argument("--size", type=int, default=320, help="second resolution in pixels (binning off)")
+    et.add_argument("--prompts", type=int, default=16)
+    et.add_argument("--runs", type=int, default=5)
+    et.add_argument("--threads", type=int, default=0)
+    et.add_argument("--out", help="write JSON (and .md) here")
+    et.add_argument("--quiet", action="store_true")
+    et.set_defaults(func=_ecad_transfer)
     return parser
 
 

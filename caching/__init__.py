@@ -1,8 +1,9 @@
-"""Cache plug-ins: StaticCache and ECAD schedules (ERTACache and dKV-Cache build on the same core)."""
+"""Cache plug-ins: StaticCache, ECAD schedules and ERTACache (dKV-Cache builds on the same core)."""
 
 import accel  # noqa: F401  (registers diffusers' cache configs as plug-ins)
 
 from .ecad import ECADConfig
+from .ertacache import ERTACacheConfig
 from .static import StaticCacheConfig
 
-__all__ = ["ECADConfig", "StaticCacheConfig"]
+__all__ = ["ECADConfig", "ERTACacheConfig", "StaticCacheConfig"]

@@ -94,3 +94,13 @@ def test_two_processes_give_the_one_process_result(uninterrupted, tmp_path):
     assert len(list(work.glob("evals.rank*.jsonl"))) == 2  # both processes evaluated candidates
     assert all(p.read_text() for p in work.glob("evals.rank*.jsonl"))
     assert _frontier(work) == _frontier(uninterrupted)
+
+
+def test_transfer_to_another_resolution_reports_speedup_kept(uninterrupted, tmp_path):
+    schedule = sorted((uninterrupted / "frontier").glob("*.json"))[0]
+    out = tmp_path / "transfer.json"
+    assert main(["ecad", "transfer", str(schedule), "--model", "tiny", "--size", "32", "--prompts", "1",
+                 "--runs", "1", "--quiet", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"default", "32px"} and report["speedup_kept"] > 0
+    assert "Speedup kept" in out.with_suffix(".md").read_text()
