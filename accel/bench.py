@@ -268,9 +268,10 @@ def psnr_at(points: list[tuple[float, float]], speedup: float) -> float | None:
     return None
 
 
-def compare_families(result: dict, family: str, speedups: tuple[float, ...] = (2.0, 2.5)) -> dict:
-    """PSNR of ``family`` minus each other family's at each speedup (``None`` for a peer that cannot
-    reach it: it counts as below). Returns ``{speedup: {"ours": psnr, "peers": {family: psnr},
+def compare_families(result: dict, family: str, speedups: tuple[float, ...] = (2.0, 2.5),
+                     peers: tuple[str, ...] | None = None) -> dict:
+    """PSNR of ``family`` minus each other family's (or each of ``peers``) at each speedup (``None`` for
+    a peer that cannot reach it: it counts as below). Returns ``{speedup: {"ours": psnr, "peers": {family: psnr},
     "margin": ours - best reachable peer}}``."""
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in result["rows"]:
@@ -281,10 +282,10 @@ def compare_families(result: dict, family: str, speedups: tuple[float, ...] = (2
     out = {}
     for s in speedups:
         ours = psnr_at(groups[family], s)
-        peers = {f: psnr_at(p, s) for f, p in groups.items() if f != family}
-        reachable = [v for v in peers.values() if v is not None]
+        peers_at = {f: psnr_at(p, s) for f, p in groups.items() if f != family and (peers is None or f in peers)}
+        reachable = [v for v in peers_at.values() if v is not None]
         margin = None if ours is None else (ours - max(reachable) if reachable else math.inf)
-        out[s] = {"ours": ours, "peers": peers, "margin": margin}
+        out[s] = {"ours": ours, "peers": peers_at, "margin": margin}
     return out
 
 

@@ -2,7 +2,7 @@
 
     >>> from app.bench_suites import SUITES
     >>> sorted(SUITES)
-    ['ecad-shapes-t2i', 'overhead', 'shapes-t2i', 'shapes-t2v', 'tiny']
+    ['ecad-shapes-t2i', 'erta-shapes-t2i', 'overhead', 'shapes-t2i', 'shapes-t2v', 'tiny']
 
 A suite returns (pipeline, entries, prompts, call kwargs, run settings). The tiny suites run on
 randomly initialised pipelines: their *speed* ratios and computation counts are real, their PSNR is
@@ -36,6 +36,8 @@ class Suite:
     extra: dict = field(default_factory=dict)
     scorers: dict = field(default_factory=dict)
     compare: str = ""  # family whose PSNR is compared with every other family's at equal speedup
+    compare_speedups: tuple = (2.0, 2.5)
+    compare_peers: tuple | None = None  # families compared against (None: all others)
 
 
 def _diffusers_peers(pixart: bool = True) -> list[BenchEntry]:
@@ -156,5 +158,71 @@ def ecad_shapes_t2i(schedules: str | None = None, k: int = 6) -> Suite:
     return suite
 
 
+def _mag_ratios(pipe, prompt: str, call: dict) -> list[float]:
+    """MagCache's per-step magnitude ratios for this model, from one calibration run."""
+    import contextlib
+    import io
+    import re
+
+    from diffusers import MagCacheConfig
+
+    import accel
+
+    steps = call["num_inference_steps"]
+    buffer = io.StringIO()
+    with accel.applying(pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps)), \
+            contextlib.redirect_stdout(buffer):
+        pipe(prompt, **call)
+    found = re.findall(r"\[([-0-9.eE, ]+)\]", buffer.getvalue())
+    if not found:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return [float(v) for v in found[-1].split(",")]
+
+
+def erta_shapes_t2i(schedules: str | None = None) -> Suite:
+    """ERTACache on shapes-t2i (profiles at four target speedups, each as mask only, + rectification,
+    + interval adjustment) against FirstBlockCache, MagCache, TaylorSeer and SeaCache at four settings."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, SeaCacheConfig, TaylorSeerCacheConfig
+
+    from caching import ERTACacheConfig
+    from caching.ecad_search import shipped_schedules
+
+    suite = _reference("shapes-t2i")
+    if schedules is None:
+        profiles = shipped_schedules("shapes-t2i", kind="profiles", cls=ERTACacheConfig)
+    else:
+        profiles = [ERTACacheConfig.load(p) for p in sorted(Path(schedules).glob("*.json"))]
+    if not profiles:
+        raise SystemExit(f"no ERTACache profiles found in {schedules or 'the shipped shapes-t2i profiles'}")
+    entries = []
+    for p in profiles:
+        target = p.calibration.get("target_speedup")
+        for label, variant in (("mask only", p.variant(rectify=False, adjust_timesteps=False)),
+                               ("mask+rect", p.variant(adjust_timesteps=False)), ("full", p)):
+            family = "ERTACache" if label == "full" else f"ERTACache {label}"
+            entries.append(BenchEntry(f"ERTACache {label} x{target}", (variant,), family=family,
+                                      settings={"target_speedup": target, "mask": p.mask, "variant": label}))
+    call = suite.call_kwargs
+    ratios = _mag_ratios(suite.pipe, suite.prompts[0], dict(call, output_type="latent"))
+    taylor_ids = [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"]
+    entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
+                           settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
+    entries += [BenchEntry(f"MagCache t={t}", (MagCacheConfig(
+        threshold=t, num_inference_steps=call["num_inference_steps"], mag_ratios=ratios, retention_ratio=0.1),),
+        peer=True, settings={"threshold": t}) for t in (0.03, 0.06, 0.12, 0.24)]
+    entries += [BenchEntry(f"TaylorSeer n={n}", (TaylorSeerCacheConfig(
+        cache_interval=n, disable_cache_before_step=2, taylor_factors_dtype=None, cache_identifiers=taylor_ids),),
+        peer=True, settings={"cache_interval": n}) for n in (2, 3, 4, 5)]
+    entries += [BenchEntry(f"SeaCache t={t}", (SeaCacheConfig(threshold=t),), peer=True, settings={"threshold": t})
+                for t in (0.1, 0.25, 0.4, 0.6)]
+    suite.entries = entries
+    suite.compare = "ERTACache"
+    suite.compare_speedups = (1.5, 2.0)
+    suite.compare_peers = ("FirstBlockCache", "MagCache", "TaylorSeer", "SeaCache")
+    suite.notes = (suite.notes + " ERTACache profiles were made on calibration prompts (disjoint from these "
+                   "held-out prompts) with `accel erta profile`; 'mask only' and 'mask+rect' rows are the ablation.")
+    return suite
+
+
 SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v,
-          "ecad-shapes-t2i": ecad_shapes_t2i}
+          "ecad-shapes-t2i": ecad_shapes_t2i, "erta-shapes-t2i": erta_shapes_t2i}

@@ -7,6 +7,7 @@
     $ accel zoo eval shapes-t2i # held-out prompt adherence of the shipped model
     $ accel ecad search --model shapes-t2i --work-dir runs/ecad   # NSGA-II cache-schedule search
     $ accel ecad show runs/ecad/frontier/00_*.json                # summary + heat-map PNG
+    $ accel erta profile --model shapes-t2i --target-speedup 2 --out erta.json   # ERTACache profile
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
 """
@@ -38,7 +39,7 @@ def _bench(args: argparse.Namespace) -> int:
     if suite.compare:
         from accel.bench import compare_families, comparison_markdown
 
-        result["comparison"] = compare_families(result, suite.compare)
+        result["comparison"] = compare_families(result, suite.compare, suite.compare_speedups, suite.compare_peers)
         result["comparison_md"] = comparison_markdown(result["comparison"], suite.compare)
     path = write_results(result, args.out, command="accel " + shlex.join(sys.argv[1:]))
     print(result["table"])
@@ -239,6 +240,30 @@ def _ecad_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _erta_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from caching.ertacache_profile import make_profile
+    from pipelines.zoo import REFERENCES
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, call, prompts, _ = _search_target(args.model, args.steps, args.prompts, args.prompts_file)
+    if args.model in REFERENCES and not args.prompts_file:
+        from pipelines.zoo.scoring import calibration_prompts
+
+        prompts = calibration_prompts(args.model, args.prompts)
+    profile = make_profile(pipe, prompts, call, target_speedup=None if args.delta is not None else args.target_speedup,
+                           delta=args.delta, warmup=args.warmup, seed=args.seed, scalar=args.scalar,
+                           fit_phi=not args.no_phi, progress=not args.quiet)
+    profile.save(args.out)
+    print(f"mask {profile.mask} ({profile.reuse_fraction:.0%} of steps reused, delta "
+          f"{profile.calibration['delta']:.4g}); phi on reused steps: "
+          + " ".join(f"{p:.3f}" for p, m in zip(profile.phi, profile.mask) if m == "R"))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Diffusion acceleration suite")
     parser.add_argument("--version", action="version", version="accel-suite 0.1.0")
@@ -308,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--out", help="write JSON (and .md) here")
     et.add_argument("--quiet", action="store_true")
     et.set_defaults(func=_ecad_transfer)
+
+    erta = sub.add_parser("erta", help="ERTACache: offline profiling")
+    rsub = erta.add_subparsers(dest="erta_command", required=True)
+    rp = rsub.add_parser("profile", help="profile a pipeline on calibration prompts and write a profile file")
+    rp.add_argument("--model", default="shapes-t2i",
+                    help="'tiny', a reference model name, or a local diffusers pipeline folder")
+    rp.add_argument("--out", required=True, help="profile JSON to write")
+    rp.add_argument("--target-speedup", type=float, default=2.0, help="reuse 1 - 1/target of the steps")
+    rp.add_argument("--delta", type=float, help="relative-error threshold instead of a target speedup")
+    rp.add_argument("--prompts", type=int, default=16)
+    rp.add_argument("--prompts-file")
+    rp.add_argument("--steps", type=int, default=0)
+    rp.add_argument("--warmup", type=int, default=1, help="leading steps that always compute")
+    rp.add_argument("--scalar", action="store_true", help="one rectification gain per step, no offset")
+    rp.add_argument("--no-phi", action="store_true", help="do not fit interval coefficients (phi = 1)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--threads", type=int, default=0)
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=_erta_profile)
     return parser
 
 

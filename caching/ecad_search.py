@@ -634,12 +634,13 @@ def default_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def shipped_schedules(name: str) -> list[ECADConfig]:
-    """The frontier schedules shipped for a reference model (``caching/schedules/NAME/``)."""
+def shipped_schedules(name: str, kind: str = "schedules", cls=ECADConfig) -> list:
+    """Config files shipped for a reference model: ECAD frontiers in ``caching/schedules/NAME/``,
+    ERTACache profiles in ``caching/profiles/NAME/`` (``kind="profiles"``, ``cls=ERTACacheConfig``)."""
     from importlib.resources import files
 
-    folder = files("caching").joinpath("schedules", name)
+    folder = files("caching").joinpath(kind, name)
     if not folder.is_dir():
         return []
-    return [ECADConfig.from_dict(json.loads(p.read_text()), source=str(p))
+    return [cls.from_dict(json.loads(p.read_text()), source=str(p))
             for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".json")]

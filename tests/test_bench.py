@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 
 from accel.bench import BenchEntry, run_bench, write_results
@@ -49,3 +50,19 @@ def test_cli_bench_tiny_writes_json_and_table(tmp_path, capsys):
     assert names[0] == "baseline" and sum(r["peer"] for r in data["rows"]) >= 2
     assert "StaticCache n=2" in capsys.readouterr().out
     assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_psnr_at_equal_speedup_interpolates_along_each_family():
+    from accel.bench import compare_families, psnr_at
+
+    points = [(1.5, 40.0), (2.0, 35.0), (3.0, 30.0), (2.2, 20.0)]  # (2.2, 20) is beaten by (3.0, 30)
+    assert psnr_at(points, 2.5) == 32.5 and psnr_at(points, 1.0) == 40.0 and psnr_at(points, 3.5) is None
+    rows = [{"name": "baseline", "speedup": 1.0, "psnr": float("inf")}]
+    rows += [{"name": f"ours {s}", "family": "ours", "speedup": s, "psnr": q} for s, q in [(1.8, 38.0), (2.6, 33.0)]]
+    rows += [{"name": f"peer {s}", "family": "peer", "speedup": s, "psnr": q} for s, q in [(1.5, 36.0), (2.2, 30.0)]]
+    rows += [{"name": "other", "family": "other", "speedup": 3.0, "psnr": 50.0}]
+    cmp = compare_families({"rows": rows}, "ours", (2.0, 2.5), peers=("peer",))
+    assert cmp[2.0]["ours"] == pytest.approx(36.75) and cmp[2.0]["peers"]["peer"] == pytest.approx(36 - 6 * 0.5 / 0.7)
+    assert cmp[2.0]["margin"] == pytest.approx(36.75 - (36 - 6 * 0.5 / 0.7)) and set(cmp[2.0]["peers"]) == {"peer"}
+    assert cmp[2.5]["peers"]["peer"] is None and cmp[2.5]["margin"] == float("inf")  # the peer cannot reach 2.5x
+    assert compare_families({"rows": rows}, "ours", (2.0,))[2.0]["margin"] < 0  # "other" beats us

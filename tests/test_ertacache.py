@@ -264,3 +264,14 @@ def test_mismatched_profiles_are_refused_and_leave_the_pipeline_unchanged(tmp_pa
     bad = dict(profile.to_dict(), phi=[1.0] * 3)
     with pytest.raises(accel.ConfigError, match="phi"):
         ERTACacheConfig.from_dict(bad)
+
+
+def test_cli_profile_writes_a_loadable_profile(tmp_path, capsys):
+    from app.cli import main
+
+    out = tmp_path / "tiny.json"
+    assert main(["erta", "profile", "--model", "tiny", "--prompts", "2", "--steps", "6", "--target-speedup", "3",
+                 "--out", str(out), "--quiet"]) == 0
+    profile = ERTACacheConfig.load(out)
+    assert profile.num_steps == 6 and profile.mask.count("R") == 4  # 6 * (1 - 1/3); steps 0 and 5 are forced
+    assert "mask" in capsys.readouterr().out
