@@ -53,6 +53,15 @@ def _zoo_train(args: argparse.Namespace) -> int:
     from pipelines.zoo.recipes import RECIPES
     from pipelines.zoo.train import train
 
+    if args.name == "dlm-tasks":
+        from pipelines.zoo.dlm import DLMRecipe
+        from pipelines.zoo.dlm import train as train_dlm
+
+        recipe = DLMRecipe(steps=args.steps) if args.steps else DLMRecipe()
+        out = train_dlm(args.work_dir or "runs/dlm-tasks", recipe, args.out, progress=not args.quiet,
+                        threads=args.threads or None, stop_at=args.stop_at)
+        print(f"pipeline written to {out}" if out else "stopped at a checkpoint; rerun to resume")
+        return 0
     if args.name not in RECIPES:
         print(f"unknown reference model {args.name!r}; choose one of: {', '.join(sorted(RECIPES))}", file=sys.stderr)
         return 2
@@ -76,6 +85,16 @@ def _zoo_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_reference(args.name, path=args.path)
+    if args.name == "dlm-tasks":
+        from pipelines.zoo.dlm import evaluate
+
+        report = evaluate(pipe, n=args.n, **({"steps": args.steps} if args.steps else {}))
+        report["command"] = "accel " + shlex.join(sys.argv[1:])
+        print(json.dumps({k: report[k] for k in ("n", "exact_match", "per_task", "call")}, indent=1))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return 0
     call = {"num_inference_steps": args.steps} if args.steps else {}
     report, _ = evaluate_pipeline(pipe, args.name, n=args.n, seed=args.seed, progress=not args.quiet, **call)
     report["command"] = "accel " + shlex.join(sys.argv[1:])
@@ -281,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="reference models: train and evaluate")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     zt = zsub.add_parser("train", help="train (or resume training) a reference model")
-    zt.add_argument("name", help="shapes-t2i or shapes-t2v")
+    zt.add_argument("name", help="shapes-t2i, shapes-t2v or dlm-tasks")
     zt.add_argument("--work-dir", help="checkpoints and caches (default runs/NAME); rerun to resume")
     zt.add_argument("--out", help="where the pipeline is written (default WORK_DIR/pipeline)")
     zt.add_argument("--threads", type=int, default=0, help="torch CPU threads")
@@ -291,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--quiet", action="store_true")
     zt.set_defaults(func=_zoo_train)
     ze = zsub.add_parser("eval", help="score a reference model on held-out prompts")
-    ze.add_argument("name", help="shapes-t2i or shapes-t2v")
+    ze.add_argument("name", help="shapes-t2i, shapes-t2v or dlm-tasks")
     ze.add_argument("--path", help="a trained pipeline folder (default: the shipped weights)")
     ze.add_argument("--n", type=int, default=200, help="number of held-out prompts")
     ze.add_argument("--steps", type=int, default=0, help="inference steps (default: the model's evaluation setting)")

@@ -14,15 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
-REFERENCES = ("shapes-t2i", "shapes-t2v")
+REFERENCES = ("shapes-t2i", "shapes-t2v")  # diffusers pipelines
+TEXT_REFERENCES = ("dlm-tasks",)  # diffusion LMs (a DiffusionLMPipeline over transformers weights)
 
 
 def reference_path(name: str) -> Path:
     """Folder of a shipped reference model; a clear error when it is unknown or not shipped."""
-    if name not in REFERENCES:
-        raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(REFERENCES)}")
+    if name not in REFERENCES + TEXT_REFERENCES:
+        raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(REFERENCES + TEXT_REFERENCES)}")
     path = WEIGHTS / name
-    if not (path / "model_index.json").exists():
+    marker = "config.json" if name in TEXT_REFERENCES else "model_index.json"
+    if not (path / marker).exists():
         raise FileNotFoundError(
             f"reference model {name!r} is not in this installation ({path}); "
             f"train it with `accel zoo train {name}` and pass the folder it writes"
@@ -31,10 +33,21 @@ def reference_path(name: str) -> Path:
 
 
 def load_reference(name: str, path: str | Path | None = None, device=None, dtype=None):
-    """A ready diffusers pipeline of a reference model (from the shipped weights, or from `path`)."""
+    """A ready pipeline of a reference model (from the shipped weights, or from `path`): a diffusers
+    pipeline for the image/video models, a :class:`pipelines.diffusion_lm.DiffusionLMPipeline` for
+    ``dlm-tasks``."""
+    src = Path(path) if path is not None else reference_path(name)
+    if name in TEXT_REFERENCES:
+        import torch
+
+        from .dlm import load_pipeline
+
+        pipe = load_pipeline(src, device or "cpu", dtype or torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.reference_name = name
+        return pipe
     from diffusers import DiffusionPipeline
 
-    src = Path(path) if path is not None else reference_path(name)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     pipe = DiffusionPipeline.from_pretrained(src, **kwargs)
     pipe.set_progress_bar_config(disable=True)
