@@ -10,11 +10,11 @@
 
 from . import diffusers_caches as _diffusers_caches  # noqa: F401  (registers diffusers' configs)
 from . import steps
-from .api import applied, apply, applying, register_plugin, remove, reset, stats
+from .api import applied, apply, applying, register_plugin, register_text_plugin, remove, reset, stats
 from .errors import ConfigError, UnsupportedModelError
 
 __all__ = [
-    "apply", "remove", "applied", "applying", "reset", "stats", "register_plugin",
+    "apply", "remove", "applied", "applying", "reset", "stats", "register_plugin", "register_text_plugin",
     "ConfigError", "UnsupportedModelError", "steps",
 ]
 __version__ = "0.1.0"

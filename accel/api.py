@@ -32,6 +32,43 @@ from .steps import TRACKER_HOOK, StepTracker
 
 Installer = Callable[[torch.nn.Module, Any, StepTracker, ModelAdapter], Any]
 _PLUGINS: dict[type, tuple[str, Installer]] = {}
+_TEXT_PLUGINS: dict[type, Callable[[Any, Any], Any]] = {}
+
+
+def register_text_plugin(config_cls: type):
+    """Decorator: register ``installer(pipeline, config) -> handle`` for diffusion-LM pipelines
+    (targets with ``accel_text_target = True``, e.g. :class:`pipelines.diffusion_lm.DiffusionLMPipeline`)."""
+
+    def wrap(installer):
+        _TEXT_PLUGINS[config_cls] = installer
+        return installer
+
+    return wrap
+
+
+def _is_text(target) -> bool:
+    return bool(getattr(target, "accel_text_target", False))
+
+
+def _apply_text(target, configs: tuple):
+    installed = target.__dict__.setdefault("_accel_text_state", [])
+    for config in configs:
+        if type(config) not in _TEXT_PLUGINS:
+            raise ConfigError(f"{type(config).__name__} does not apply to {type(target).__name__}; known configs for "
+                              f"diffusion LMs: {', '.join(sorted(c.__name__ for c in _TEXT_PLUGINS))}")
+    if len(installed) + len(configs) > 1:
+        names = [type(c).__name__ for c, _ in installed] + [type(c).__name__ for c in configs]
+        raise ConfigError(f"at most one cache plug-in per model, got {', '.join(names)}; call accel.remove() first")
+    added = []
+    try:
+        for config in configs:
+            added.append((config, _TEXT_PLUGINS[type(config)](target, config)))
+    except BaseException:
+        for _, handle in reversed(added):
+            handle.remove()
+        raise
+    installed.extend(added)
+    return target
 
 
 def register_plugin(config_cls: type, kind: str | None = None):
@@ -143,6 +180,8 @@ def apply(target, *configs):
     Raises :class:`UnsupportedModelError` for an unknown model class and :class:`ConfigError` for
     invalid or conflicting configs.
     """
+    if _is_text(target):
+        return _apply_text(target, configs)
     model, scheduler = _resolve(target)
     adapter = get_adapter(model)
     state: _State | None = getattr(model, "_accel_state", None)
@@ -195,6 +234,10 @@ def _teardown(model: torch.nn.Module, state: _State) -> None:
 
 def remove(target) -> None:
     """Remove every plug-in applied to ``target``; afterwards outputs are bit-identical to plain."""
+    if _is_text(target):
+        for _, handle in reversed(target.__dict__.pop("_accel_text_state", [])):
+            handle.remove()
+        return
     model, _ = _resolve(target)
     state: _State | None = getattr(model, "_accel_state", None)
     if state is None:
@@ -208,6 +251,8 @@ def remove(target) -> None:
 
 def applied(target) -> list:
     """The configs currently applied to ``target``, in the order they were applied."""
+    if _is_text(target):
+        return [c for c, _ in target.__dict__.get("_accel_text_state", [])]
     model, _ = _resolve(target)
     state = getattr(model, "_accel_state", None)
     return [] if state is None else [c for c, _ in state.installed]
@@ -240,10 +285,14 @@ def reset(target, num_inference_steps: int | None = None) -> None:
 
 def stats(target) -> dict[str, int]:
     """Counters of the last generation summed over the applied plug-ins (e.g. ``component_calls``)."""
-    model, _ = _resolve(target)
-    state = getattr(model, "_accel_state", None)
+    if _is_text(target):
+        installed = target.__dict__.get("_accel_text_state", [])
+    else:
+        model, _ = _resolve(target)
+        state = getattr(model, "_accel_state", None)
+        installed = [] if state is None else state.installed
     out: dict[str, int] = {}
-    for _, handle in [] if state is None else state.installed:
+    for _, handle in installed:
         for key, value in (handle.stats() if hasattr(handle, "stats") else {}).items():
             out[key] = out.get(key, 0) + value
     return out

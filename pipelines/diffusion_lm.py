@@ -64,6 +64,9 @@ class DiffusionLMPipeline:
                 raise ConfigError(f"the tokenizer has no {name[:-3]} (set tokenizer.{name[:-9]}_token)")
         self.model, self.tokenizer, self.shift_logits = model, tokenizer, shift_logits
         self.progress = True
+        self.cache_controller = None  # set by accel.apply(pipe, DKVCacheConfig(...))
+
+    accel_text_target = True  # accel.apply takes diffusion-LM configs (dKV-Cache) for this pipeline
 
     @property
     def device(self) -> torch.device:
@@ -104,8 +107,9 @@ class DiffusionLMPipeline:
                  forward: Callable | None = None, return_ids: bool = False):
         """Generate; returns the decoded answers (text up to the first EOS), or the ids with
         ``return_ids=True``. ``stream(step, row, position, token_id)`` is called for every
-        committed token; ``forward(x, attention, positions, step, block)`` replaces the model call
-        (the dKV-Cache controller uses it)."""
+        committed token; ``forward(x, attention, positions, step, block, prompt_len, block_start,
+        block_end)`` replaces the model call and returns logits, or (logits, positions computed);
+        a cache applied with ``accel.apply`` supplies it."""
         steps = gen_length if steps is None else steps
         if gen_length < 1 or block_length < 1 or gen_length % block_length:
             raise ConfigError(f"gen_length ({gen_length}) must be a positive multiple of block_length ({block_length})")
@@ -121,7 +125,13 @@ class DiffusionLMPipeline:
         x = torch.cat([prompt, torch.full((B, gen_length), mask_id, device=dev)], 1)
         attention = torch.cat([prompt_mask, torch.ones(B, gen_length, dtype=prompt_mask.dtype, device=dev)], 1)
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        call = forward or (lambda x_, a_, p_, s_, b_: self.logits(x_, a_, p_))
+        controller = self.cache_controller if forward is None else None
+        if controller is not None:
+            controller.reset()
+            if self.shift_logits:
+                raise ConfigError("dKV-Cache with shifted logits (Dream-style) is not supported yet")
+            forward = controller
+        call = forward or (lambda x_, a_, p_, s_, b_, *_: self.logits(x_, a_, p_))
         per_block = steps // blocks if threshold is None else None
         from tqdm.auto import tqdm
 
@@ -140,7 +150,9 @@ class DiffusionLMPipeline:
                     break
                 if per_block is not None and i >= per_block:
                     break
-                logits = call(x, attention, positions, step, b).float()
+                result = call(x, attention, positions, step, b, P, lo, hi)
+                logits, fed = result if isinstance(result, tuple) else (result, None)
+                logits = logits.float()
                 logits[..., mask_id] = -math.inf  # never "commit" the mask token itself
                 self.nfe += 1
                 if top_p is not None:
@@ -155,7 +167,7 @@ class DiffusionLMPipeline:
                     conf = torch.rand(x.shape, generator=generator, device="cpu").to(dev)
                 else:
                     conf = logits.softmax(-1).gather(-1, pred[..., None])[..., 0]
-                conf = conf.masked_fill(~masked, -math.inf)
+                conf = conf.masked_fill(~masked if fed is None else ~(masked & fed), -math.inf)
                 if threshold is None:
                     n = quotas[:, i]
                     rank = conf.argsort(-1, descending=True).argsort(-1)

@@ -1,0 +1,245 @@
+"""dKV-Cache for masked diffusion LMs: delayed key/value caching, plus Fast-dLLM's block caches.
+
+    >>> import accel
+    >>> from caching import DKVCacheConfig
+    >>> from pipelines.zoo import load_reference
+    >>> pipe = load_reference("dlm-tasks")
+    >>> accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=8))
+    >>> pipe(["sort:qwertyui|"], gen_length=128, block_length=32, steps=128)
+    ['eiqrtuwy']
+
+A diffusion LM reruns the whole sequence at every step, although most positions did not change.
+Each step here feeds the model only some positions and serves the keys/values of the others from a
+:class:`DKVCache` (a ``transformers`` ``Cache`` whose layers keep every position's post-RoPE K/V in
+absolute order). Which positions are fed is decided per step by the variant:
+
+* ``decode`` (dKV-Cache-Decode): a position is served from the cache iff it was a non-mask token
+  *with the same id in the previous step's input* (so a token committed at step i-1 is computed as a
+  real token at step i, stored, and served from step i+1: the delay); everything else, the masked
+  suffix included, is fed. Full forwards rebuild the cache at the first two steps of every block and
+  every ``refresh_interval`` steps.
+* ``prefill``: the prompt's K/V are computed at the first step and never refreshed; every answer
+  position is fed at every step.
+* ``pd``: the prompt as in ``prefill``, answer tokens by the ``decode`` rule; refreshes recompute
+  answer rows only.
+* ``prefix`` (Fast-dLLM PrefixCache): a full forward at each block start; then the block and the
+  masked suffix are fed against the cached prefix.
+* ``dual`` (Fast-dLLM DualCache): a full forward at each block start; then only the current block
+  is fed, prefix and suffix served (the suffix stays stale until the next block).
+
+Keys are cached after RoPE with explicit absolute ``position_ids``, so attention is order-invariant
+over keys and stock ``LlamaForCausalLM``/``Qwen2ForCausalLM`` (``config.is_causal = False``) need no
+edits. Rows of a batch may feed different numbers of positions: fed and cached index sets are padded
+to the batch maximum and masked with a 4-D attention mask in key order [fed, cached]; padded fed
+slots write their K/V to a spare slot that is never read. Index sets are built on the device with
+sorts and scatters (no per-row loops, no host syncs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from accel.api import register_text_plugin
+from accel.config import PluginConfig, check_int
+from accel.errors import ConfigError
+
+VARIANTS = ("decode", "prefill", "pd", "prefix", "dual")
+
+
+@dataclass
+class DKVCacheConfig(PluginConfig):
+    """Args:
+        variant: one of ``decode``, ``prefill``, ``pd``, ``prefix``, ``dual`` (see the module doc).
+        refresh_interval: R, full forwards every R steps of a block (``decode``/``pd``); 1 = every
+            step (identical to no cache).
+    """
+
+    variant: str = "decode"
+    refresh_interval: int = 8
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        check_int("refresh_interval", self.refresh_interval, 1)
+
+
+@dataclass
+class StepPlan:
+    """Which positions a step feeds and serves (all tensors on the model's device)."""
+
+    fed_idx: torch.Tensor  # (B, F) absolute positions fed, padded
+    fed_valid: torch.Tensor  # (B, F) bool
+    cached_idx: torch.Tensor | None  # (B, C) absolute positions served from the cache, padded
+    cached_valid: torch.Tensor | None  # (B, C) bool
+    length: int  # sequence length L (the storage has L + 1 slots; slot L takes padded writes)
+    refresh: bool
+
+
+class DKVLayer(CacheLayerMixin):
+    """One layer's K/V in absolute position order; ``plan`` says what this forward feeds and serves."""
+
+    def __init__(self):
+        super().__init__()
+        self.plan: StepPlan | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        shape = (b, h, self.plan.length + 1, d)
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        plan = self.plan
+        if not self.is_initialized or plan.refresh or self.keys.shape[0] != key_states.shape[0]:
+            self.lazy_initialization(key_states, value_states)
+        h, d = key_states.shape[1], key_states.shape[3]
+        store = torch.where(plan.fed_valid, plan.fed_idx, plan.length)
+        index = store[:, None, :, None].expand(-1, h, -1, d)
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+        if plan.cached_idx is None:
+            return key_states, value_states
+        served = plan.cached_idx[:, None, :, None].expand(-1, h, -1, d)
+        return (torch.cat([key_states, self.keys.gather(2, served)], 2),
+                torch.cat([value_states, self.values.gather(2, served)], 2))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        cached = 0 if self.plan is None or self.plan.cached_idx is None else self.plan.cached_idx.shape[1]
+        return query_length + cached, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are always passed explicitly
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class DKVCache(Cache):
+    """A ``transformers`` cache of :class:`DKVLayer`; :meth:`set_plan` before each forward."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[DKVLayer() for _ in range(num_layers)])
+
+    def set_plan(self, plan: StepPlan) -> None:
+        for layer in self.layers:
+            layer.plan = plan
+
+
+def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool -> (B, K) positions of the True entries first, padded, and their validity."""
+    count = select.sum(1)
+    width = int(count.max()) if select.numel() else 0  # one host sync per step
+    order = (~select).to(torch.int8).argsort(dim=1, stable=True)[:, :max(width, 1)]
+    valid = torch.arange(order.shape[1], device=select.device)[None, :] < count[:, None]
+    return order, valid
+
+
+class DKVController:
+    """Per-generation state and the model call for one variant. Use it as the pipeline's ``forward``."""
+
+    def __init__(self, model, config: DKVCacheConfig, mask_id: int):
+        self.model, self.config, self.mask_id = model, config, mask_id
+        self.cache = DKVCache(model.config.num_hidden_layers)
+        self.reset()
+
+    def reset(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.block = -1
+        self.step_in_block = 0
+        self.fed_tokens = 0
+        self.total_tokens = 0
+        self.fed_counts: list[list[int]] = []
+
+    def _fed(self, x: torch.Tensor, attention: torch.Tensor, prompt_len: int, block_start: int, block_end: int,
+             ) -> tuple[torch.Tensor, bool]:
+        """(B, L) bool of positions to feed, and whether this is a full (refresh) forward."""
+        valid = attention.bool()
+        v, i = self.config.variant, self.step_in_block
+        answer = torch.zeros_like(valid)
+        answer[:, prompt_len:] = True
+        if v in ("prefix", "dual"):
+            if i == 0:
+                return valid, True
+            lo = torch.zeros_like(valid)
+            lo[:, block_start:] = True
+            if v == "dual":
+                lo[:, block_end:] = False
+            return lo & valid, False
+        if v == "prefill":
+            if self.prev is None:
+                return valid, True
+            return answer & valid, False
+        refresh = i < 2 or i % self.config.refresh_interval == 0 or self.prev is None
+        if v == "pd" and self.prev is not None and refresh:
+            return answer & valid, False  # refresh the answer rows; the prompt stays cached
+        if refresh:
+            return valid, True
+        same = (x == self.prev) & (self.prev != self.mask_id)
+        if v == "pd":
+            same = same | ~answer
+        return valid & ~same, False
+
+    def __call__(self, x, attention, positions, step: int, block: int, prompt_len: int, block_start: int,
+                 block_end: int):
+        if block != self.block:
+            self.block, self.step_in_block = block, 0
+        fed, refresh = self._fed(x, attention, prompt_len, block_start, block_end)
+        valid = attention.bool()
+        fed_idx, fed_valid = _pack(fed)
+        if refresh:
+            cached_idx = cached_valid = None
+            key_valid = fed_valid
+        else:
+            cached_idx, cached_valid = _pack(valid & ~fed)
+            key_valid = torch.cat([fed_valid, cached_valid], 1)
+        plan = StepPlan(fed_idx, fed_valid, cached_idx, cached_valid, x.shape[1], refresh)
+        self.cache.set_plan(plan)
+        q = fed_idx.shape[1]
+        mask = key_valid[:, None, None, :].expand(-1, 1, q, -1)
+        if self.model.config._attn_implementation == "eager":
+            neg = torch.finfo(self.model.dtype).min
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=x.device).masked_fill(~mask, neg)
+        out = self.model(input_ids=x.gather(1, fed_idx), position_ids=positions.gather(1, fed_idx),
+                         attention_mask=mask, past_key_values=self.cache, use_cache=True).logits
+        width = x.shape[1]
+        logits = out.new_zeros(x.shape[0], width + 1, out.shape[-1])  # padded slots land in column L
+        logits.scatter_(1, torch.where(fed_valid, fed_idx, width)[..., None].expand(-1, -1, out.shape[-1]), out)
+        self.prev = x.clone()
+        self.step_in_block += 1
+        self.fed_tokens = self.fed_tokens + fed.sum()  # tensors: no host sync
+        self.total_tokens = self.total_tokens + valid.sum()
+        self.fed_counts.append(fed.sum(1))
+        return logits[:, :width], fed
+
+    @property
+    def computed_fraction(self) -> float:
+        """Fraction of (step, position) pairs the model computed in this generation."""
+        return float(self.fed_tokens) / max(float(self.total_tokens), 1.0)
+
+
+class DKVHandle:
+    """What ``accel.apply`` installs on a :class:`pipelines.diffusion_lm.DiffusionLMPipeline`."""
+
+    def __init__(self, pipe, config: DKVCacheConfig):
+        self.pipe = pipe
+        self.controller = DKVController(pipe.model, config, pipe.tokenizer.mask_token_id)
+        pipe.cache_controller = self.controller
+
+    def remove(self) -> None:
+        if getattr(self.pipe, "cache_controller", None) is self.controller:
+            self.pipe.cache_controller = None
+
+    def stats(self) -> dict:
+        c = self.controller
+        return {"tokens_computed": int(c.fed_tokens), "tokens_total": int(c.total_tokens)}
+
+
+@register_text_plugin(DKVCacheConfig)
+def _install(pipe, config: DKVCacheConfig):
+    if getattr(pipe, "cache_controller", None) is not None:
+        raise ConfigError("this diffusion LM pipeline already has a KV cache applied; accel.remove it first")
+    return DKVHandle(pipe, config)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+import accel
+from caching import DKVCacheConfig, StaticCacheConfig
+from caching.dkv import DKVCache, StepPlan, _pack
+from pipelines.diffusion_lm import DiffusionLMPipeline
+from pipelines.zoo.dlm import DLMRecipe, build_model, build_tokenizer
+
+RECIPE = DLMRecipe(hidden=32, layers=2, heads=2, intermediate=64)
+KW = dict(gen_length=64, block_length=32, steps=64, return_ids=True, stop_at_eos=False)
+PROMPT_24 = "copy:abcdefghijklmnopqr|"  # 24 tokens
+
+
+def _pipe(attn="sdpa"):
+    tok = build_tokenizer()
+    model = build_model(RECIPE, len(tok)).eval()
+    model.config._attn_implementation = attn
+    pipe = DiffusionLMPipeline(model, tok)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cached_logits_equal_the_full_forward(attn):
+    pipe = _pipe(attn)
+    model = pipe.model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(5, 40, (2, 20), generator=gen)
+    attention = torch.ones_like(x)
+    attention[1, :3] = 0  # a left-padded row
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    full = model(input_ids=x, attention_mask=attention, position_ids=positions).logits
+    cache = DKVCache(model.config.num_hidden_layers)
+    valid = attention.bool()
+    idx, ok = _pack(valid)
+    cache.set_plan(StepPlan(idx, ok, None, None, 20, True))
+    mask = ok[:, None, None, :].expand(-1, 1, idx.shape[1], -1)
+    if attn == "eager":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    model(input_ids=x.gather(1, idx), position_ids=positions.gather(1, idx), attention_mask=mask,
+          past_key_values=cache, use_cache=True)
+    # feed unequal subsets per row, serve the rest from the cache
+    fed = torch.zeros_like(valid)
+    fed[0, [2, 5, 9]] = True
+    fed[1, [4, 19]] = True
+    f_idx, f_ok = _pack(fed)
+    c_idx, c_ok = _pack(valid & ~fed)
+    cache.set_plan(StepPlan(f_idx, f_ok, c_idx, c_ok, 20, False))
+    keys = torch.cat([f_ok, c_ok], 1)
+    mask = keys[:, None, None, :].expand(-1, 1, f_idx.shape[1], -1)
+    if attn == "eager":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out = model(input_ids=x.gather(1, f_idx), position_ids=positions.gather(1, f_idx), attention_mask=mask,
+                past_key_values=cache, use_cache=True).logits
+    for row, cols in ((0, [2, 5, 9]), (1, [4, 19])):
+        assert torch.allclose(out[row, :len(cols)], full[row, cols], atol=1e-5)
+
+
+def test_refresh_every_step_is_identical_and_decode_follows_the_golden_schedule():
+    pipe = _pipe()
+    plain = pipe([PROMPT_24], **KW)
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=1))
+    assert accel.applied(pipe) == [DKVCacheConfig(variant="decode", refresh_interval=1)]
+    assert torch.equal(pipe([PROMPT_24], **KW), plain)
+    accel.remove(pipe)
+    assert pipe.cache_controller is None and torch.equal(pipe([PROMPT_24], **KW), plain)
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=4))
+    pipe([PROMPT_24], **KW)
+    fed = [int(c[0]) for c in pipe.cache_controller.fed_counts]
+    assert fed[:9] == [88, 88, 63, 62, 88, 60, 59, 58, 88]
+    assert fed[32:37] == [88, 88, 31, 30, 88]
+    # closed form: full at i in {0, 1} or i % R == 0, else (masked at block start) - sum_{j <= i-2} n_j
+    for block, masked in ((0, 64), (1, 32)):
+        for i in range(32):
+            expected = 88 if i < 2 or i % 4 == 0 else masked - (i - 1)
+            assert fed[32 * block + i] == expected
+    assert 0 < accel.stats(pipe)["tokens_computed"] < accel.stats(pipe)["tokens_total"]
+
+
+@pytest.mark.parametrize("variant", ["decode", "prefill", "pd", "prefix", "dual"])
+def test_batched_cached_generation_equals_per_prompt(variant):
+    pipe = _pipe()
+    accel.apply(pipe, DKVCacheConfig(variant=variant, refresh_interval=4))
+    prompts = [PROMPT_24, "sort:qwert|", "add:12+345|"]
+    batched = pipe(prompts, **KW)
+    singles = torch.cat([pipe([p], **KW) for p in prompts])
+    assert torch.equal(batched, singles)
+    assert not (batched == pipe.tokenizer.mask_token_id).any()
+
+
+def test_parallel_decoding_with_a_cache_and_bad_combinations():
+    pipe = _pipe()
+    accel.apply(pipe, DKVCacheConfig(variant="dual"))
+    out = pipe([PROMPT_24], gen_length=64, block_length=32, threshold=0.5, return_ids=True, stop_at_eos=False)
+    assert not (out == pipe.tokenizer.mask_token_id).any() and 2 <= pipe.nfe <= 64
+    with pytest.raises(accel.ConfigError, match="at most one cache"):
+        accel.apply(pipe, DKVCacheConfig(variant="decode"))
+    with pytest.raises(accel.ConfigError, match="does not apply"):
+        accel.apply(pipe, StaticCacheConfig())
+    with pytest.raises(accel.ConfigError, match="variant"):
+        DKVCacheConfig(variant="nope")
+    accel.remove(pipe)
+    assert accel.applied(pipe) == []
