@@ -25,6 +25,17 @@ def _bench(args: argparse.Namespace) -> int:
     from accel.bench import run_bench, write_results
     from app.bench_suites import SUITES
 
+    if args.suite == "dllm":
+        from app import bench_dllm
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = bench_dllm.run(n=args.prompts or 64, progress=not args.quiet, path=args.path)
+        result["command"] = "accel " + shlex.join(sys.argv[1:])
+        path = bench_dllm.write(result, args.out)
+        print(bench_dllm.markdown(result))
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
     if args.suite not in SUITES:
         print(f"unknown suite {args.suite!r}; choose one of: {', '.join(sorted(SUITES))}", file=sys.stderr)
         return 2
@@ -294,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="output folder")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
-    bench.add_argument("--schedules", help="ecad-* suites: a frontier folder of schedules (default: the shipped ones)")
+    bench.add_argument("--schedules", help="ecad-*/erta-* suites: a folder of schedules/profiles (default: shipped)")
+    bench.add_argument("--path", help="dllm: a trained dlm-tasks pipeline folder (default: the shipped one)")
     bench.set_defaults(func=_bench)
 
     zoo = sub.add_parser("zoo", help="reference models: train and evaluate")

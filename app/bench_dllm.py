@@ -1,0 +1,124 @@
+"""``accel bench dllm``: diffusion-LM decoding speed and exact match on ``dlm-tasks``.
+
+    $ accel bench dllm --n 64
+
+Methods, all on the same held-out tasks in one process: uncached (one token per step), each
+dKV-Cache variant, threshold parallel decoding, and parallel decoding with a cache; at batch 1 and
+batch 8; short prompts, plus a long-prompt setting (few-shot examples in front, at least 256 prompt
+tokens) reported separately. Fixed settings: generation length 128, block length 32, 128 steps for
+the fixed-quota methods, refresh interval 8 for Decode, tau = 0.9.
+
+tokens/s = answer tokens up to and including EOS, divided by wall time; "computed" = fraction of
+(step, position) pairs the model ran; speedup = a method's tokens/s over the uncached one's at the
+same batch size and prompt setting.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import accel
+from accel.bench import hardware
+from caching import DKVCacheConfig
+
+METHODS = [
+    ("uncached", None, {}),
+    ("decode R=8", DKVCacheConfig("decode", 8), {}),
+    ("prefill", DKVCacheConfig("prefill"), {}),
+    ("pd R=8", DKVCacheConfig("pd", 8), {}),
+    ("prefix", DKVCacheConfig("prefix"), {}),
+    ("dual", DKVCacheConfig("dual"), {}),
+    ("parallel tau=0.9", None, {"threshold": 0.9}),
+    ("parallel + prefix", DKVCacheConfig("prefix"), {"threshold": 0.9}),
+    ("parallel + dual", DKVCacheConfig("dual"), {"threshold": 0.9}),
+]
+CALL = {"gen_length": 128, "block_length": 32, "steps": 128}
+
+
+def few_shot(prompt: str, shots: list) -> str:
+    return "".join(f"{t.prompt}{t.answer}\n" for t in shots) + prompt
+
+
+def _run(pipe, tasks, prompts, batch: int, config, extra: dict) -> dict:
+    from pipelines.zoo.dlm import exact_match
+
+    answers, seconds, tokens, computed, nfe = [], 0.0, 0, [], []
+    with accel.applying(pipe, *([config] if config is not None else [])):
+        pipe([prompts[0]], **CALL, **extra)  # warm-up
+        for i in range(0, len(prompts), batch):
+            t0 = time.perf_counter()
+            ids = pipe(prompts[i:i + batch], **CALL, **extra, return_ids=True)
+            seconds += time.perf_counter() - t0
+            nfe.append(pipe.nfe)
+            eos = pipe.tokenizer.eos_token_id
+            for row in ids.tolist():
+                tokens += (row.index(eos) + 1) if eos in row else len(row)
+                answers.append(pipe.decode(torch.tensor(row)))
+            stats = accel.stats(pipe)
+            if stats.get("tokens_total"):
+                computed.append(stats["tokens_computed"] / stats["tokens_total"])
+    return {"exact_match": exact_match(answers, tasks), "tokens_per_s": tokens / seconds, "seconds": seconds,
+            "computed": statistics.fmean(computed) if computed else 1.0, "nfe": statistics.fmean(nfe)}
+
+
+def run(n: int = 64, batches=(1, 8), long_prompt: bool = True, progress: bool = True, path=None) -> dict:
+    from tqdm.auto import tqdm
+
+    from pipelines.zoo import load_reference
+    from pipelines.zoo.dlm import sample_tasks
+
+    pipe = load_reference("dlm-tasks", path=path)
+    tasks = sample_tasks("heldout", n)
+    settings = [("short", [t.prompt for t in tasks])]
+    if long_prompt:
+        shots = sample_tasks("calibration", 24)
+        settings.append(("long", [few_shot(t.prompt, shots) for t in tasks]))
+    rows = []
+    bar = tqdm(total=len(settings) * len(batches) * len(METHODS), desc="bench dllm", disable=not progress)
+    for label, prompts in settings:
+        width = max(len(pipe.tokenizer(p)["input_ids"]) for p in prompts)
+        for batch in batches:
+            base = None
+            for name, config, extra in METHODS:
+                row = {"prompts": label, "prompt_tokens": width, "batch": batch, "method": name,
+                       **_run(pipe, tasks, prompts, batch, config, extra)}
+                base = base or row
+                row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+                row["exact_match_change"] = row["exact_match"] - base["exact_match"]
+                rows.append(row)
+                bar.update()
+    bar.close()
+    return {"suite": "dllm", "n": n, "call": CALL, "hardware": hardware(), "rows": rows,
+            "dtype": str(next(pipe.model.parameters()).dtype)}
+
+
+def markdown(result: dict) -> str:
+    hw = result["hardware"]
+    lines = ["# Benchmark `dllm` (dlm-tasks)", "", f"Command: `{result.get('command', '')}`", "",
+             f"{result['n']} held-out tasks; generation length 128, block 32, 128 steps (fixed-quota methods), "
+             f"tau 0.9; {result['dtype']} on {hw.get('gpu') or hw['cpu_model']} ({hw['cpu_cores']} cores), "
+             f"torch {hw['torch']}, transformers {hw.get('transformers')}.", ""]
+    for label in dict.fromkeys(r["prompts"] for r in result["rows"]):
+        sub = [r for r in result["rows"] if r["prompts"] == label]
+        lines += [f"## {label} prompts ({sub[0]['prompt_tokens']} tokens at most)", "",
+                  "| batch | method | tokens/s | speedup | exact match | change | computed | steps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sub:
+            lines.append(f"| {r['batch']} | {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | "
+                         f"{r['exact_match']:.1%} | {100 * r['exact_match_change']:+.1f} pt | {r['computed']:.2f} | "
+                         f"{r['nfe']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir="benchmarks/results") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dllm.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "dllm.md").write_text(markdown(result))
+    return out / "dllm.json"
