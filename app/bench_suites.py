@@ -113,16 +113,17 @@ def shapes_t2v() -> Suite:
     return _reference("shapes-t2v")
 
 
-def _pick_spread(configs: list, k: int) -> list:
-    """``k`` schedules spread evenly over the frontier's estimated speedups."""
-    configs = sorted(configs, key=lambda c: c.provenance.get("speedup", 0.0))
+def _pick_spread(configs: list, k: int, lo: float = 1.5, hi: float = 3.3) -> list:
+    """``k`` schedules spread evenly over the frontier's estimated speedups within [lo, hi]."""
+    configs = sorted((c for c in configs if lo <= c.provenance.get("speedup", 0.0) <= hi),
+                     key=lambda c: c.provenance.get("speedup", 0.0))
     if len(configs) <= k:
         return configs
     idx = sorted({round(i * (len(configs) - 1) / (k - 1)) for i in range(k)})
     return [configs[i] for i in idx]
 
 
-def ecad_shapes_t2i(schedules: str | None = None, k: int = 6) -> Suite:
+def ecad_shapes_t2i(schedules: str | None = None, k: int = 8) -> Suite:
     """ECAD frontier schedules on shapes-t2i against every-N static schedules and diffusers' caches,
     each at four or more settings, compared at equal speedup (DESIGN § 6)."""
     from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
