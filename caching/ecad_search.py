@@ -28,7 +28,7 @@ How it works (spec: ``shared/specs/ecad.md``):
 * **Checkpoints**: every evaluation is appended to ``evals.rank<k>.jsonl`` as it finishes, and
   ``generation.json`` is rewritten after each generation. ``resume=True`` replays the algorithm from
   its seed, taking every already-evaluated genome from those files, so a run killed at any point
-  continues exactly where it stopped.
+  continues exactly where it stopped; resuming with more ``generations`` extends a finished search.
 * **Processes**: under ``accelerate launch`` (or any ``torch.distributed`` launcher) each process
   evaluates a contiguous share of the generation's new candidates; results are gathered in order and
   every process tells the same values to the same seeded algorithm, so the result equals a
@@ -372,8 +372,11 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
             raise ConfigError(f"{work_dir} already holds a search; pass resume=True (--resume) or another directory")
         if resume and search_file.exists():
             old = json.loads(search_file.read_text())
-            if {k: old.get(k) for k in meta} != meta:
-                diff = [k for k in meta if old.get(k) != meta[k]]
+            # more generations continue the same trajectory; anything else would change it
+            old.get("settings", {}).pop("generations", None)
+            now = {**meta, "settings": {k: v for k, v in meta["settings"].items() if k != "generations"}}
+            if {k: old.get(k) for k in now} != now:
+                diff = [k for k in now if old.get(k) != now[k]]
                 raise ConfigError(f"{search_file}: cannot resume, {', '.join(diff)} differ from the stored search")
         ref_file, cost_file = work_dir / "references.safetensors", work_dir / "costs.json"
         if not (ref_file.exists() and cost_file.exists()):

@@ -68,6 +68,18 @@ def test_existing_search_needs_resume_and_matching_settings(uninterrupted):
         main([*ARGS, "--seed", "1", "--work-dir", str(uninterrupted), "--resume"])
 
 
+def test_a_finished_search_extends_with_more_generations(uninterrupted, tmp_path):
+    import shutil
+
+    work = tmp_path / "extended"
+    shutil.copytree(uninterrupted, work)
+    before = _evaluated(work)
+    longer = [a if a != "4" else "6" for a in ARGS]  # --generations 6
+    assert main([*longer, "--work-dir", str(work), "--resume"]) == 0
+    assert json.loads((work / "generation.json").read_text())["generation"] == 6
+    assert _evaluated(work) > before
+
+
 def test_killed_search_resumes_exactly(uninterrupted, tmp_path):
     work = tmp_path / "killed"
     cmd = [sys.executable, "-m", "app.cli", *ARGS, "--work-dir", str(work)]
