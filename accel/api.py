@@ -47,7 +47,7 @@ def register_text_plugin(config_cls: type):
 
 
 def _is_text(target) -> bool:
-    return bool(getattr(target, "accel_text_target", False))
+    return bool(getattr(target, "accel_text_target", False)) or type(target).__name__ == "LLaDA2Pipeline"
 
 
 def _apply_text(target, configs: tuple):

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from accel import _compat
 from accel.api import register_text_plugin
 from accel.config import PluginConfig, check_int
 from accel.errors import ConfigError
@@ -138,6 +139,32 @@ def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid
 
 
+def forward_subset(model, cache: DKVCache, x, attention, positions, fed, refresh: bool, call=None) -> torch.Tensor:
+    """Run ``model`` (or ``call``, its unhooked forward) on the ``fed`` positions of ``x`` (B, L), serving
+    the other valid positions from ``cache`` (or rebuilding it when ``refresh``); returns (B, L, V)
+    logits, zero where not fed."""
+    valid = attention.bool()
+    fed_idx, fed_valid = _pack(fed)
+    if refresh:
+        cached_idx = cached_valid = None
+        key_valid = fed_valid
+    else:
+        cached_idx, cached_valid = _pack(valid & ~fed)
+        key_valid = torch.cat([fed_valid, cached_valid], 1)
+    cache.set_plan(StepPlan(fed_idx, fed_valid, cached_idx, cached_valid, x.shape[1], refresh))
+    q = fed_idx.shape[1]
+    mask = key_valid[:, None, None, :].expand(-1, 1, q, -1)
+    if model.config._attn_implementation == "eager":
+        neg = torch.finfo(model.dtype).min
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=x.device).masked_fill(~mask, neg)
+    out = (call or model)(input_ids=x.gather(1, fed_idx), position_ids=positions.gather(1, fed_idx),
+                          attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    width = x.shape[1]
+    logits = out.new_zeros(x.shape[0], width + 1, out.shape[-1])  # padded slots land in column L
+    logits.scatter_(1, torch.where(fed_valid, fed_idx, width)[..., None].expand(-1, -1, out.shape[-1]), out)
+    return logits[:, :width]
+
+
 class DKVController:
     """Per-generation state and the model call for one variant. Use it as the pipeline's ``forward``."""
 
@@ -188,32 +215,13 @@ class DKVController:
         if block != self.block:
             self.block, self.step_in_block = block, 0
         fed, refresh = self._fed(x, attention, prompt_len, block_start, block_end)
-        valid = attention.bool()
-        fed_idx, fed_valid = _pack(fed)
-        if refresh:
-            cached_idx = cached_valid = None
-            key_valid = fed_valid
-        else:
-            cached_idx, cached_valid = _pack(valid & ~fed)
-            key_valid = torch.cat([fed_valid, cached_valid], 1)
-        plan = StepPlan(fed_idx, fed_valid, cached_idx, cached_valid, x.shape[1], refresh)
-        self.cache.set_plan(plan)
-        q = fed_idx.shape[1]
-        mask = key_valid[:, None, None, :].expand(-1, 1, q, -1)
-        if self.model.config._attn_implementation == "eager":
-            neg = torch.finfo(self.model.dtype).min
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=x.device).masked_fill(~mask, neg)
-        out = self.model(input_ids=x.gather(1, fed_idx), position_ids=positions.gather(1, fed_idx),
-                         attention_mask=mask, past_key_values=self.cache, use_cache=True).logits
-        width = x.shape[1]
-        logits = out.new_zeros(x.shape[0], width + 1, out.shape[-1])  # padded slots land in column L
-        logits.scatter_(1, torch.where(fed_valid, fed_idx, width)[..., None].expand(-1, -1, out.shape[-1]), out)
+        logits = forward_subset(self.model, self.cache, x, attention, positions, fed, refresh)
         self.prev = x.clone()
         self.step_in_block += 1
         self.fed_tokens = self.fed_tokens + fed.sum()  # tensors: no host sync
-        self.total_tokens = self.total_tokens + valid.sum()
+        self.total_tokens = self.total_tokens + attention.bool().sum()
         self.fed_counts.append(fed.sum(1))
-        return logits[:, :width], fed
+        return logits, fed
 
     @property
     def computed_fraction(self) -> float:
@@ -238,8 +246,79 @@ class DKVHandle:
         return {"tokens_computed": int(c.fed_tokens), "tokens_total": int(c.total_tokens)}
 
 
+WINDOW_HOOK = "accel_dkv_window"
+
+
+class _LLaDA2Hook(_compat.ModelHook):
+    """On diffusers' ``LLaDA2Pipeline`` model: each call re-runs ``x[:, :window_end]``. Positions that
+    were the same non-mask token in the previous call are served from the cache (the ``decode``
+    rule); the current block is always fed (LLaDA2's editing reads its committed tokens' logits);
+    a window that grew (a new block) or every ``refresh_interval`` calls rebuilds the cache."""
+
+    def __init__(self, model, config: DKVCacheConfig, mask_id: int):
+        super().__init__()
+        self.config, self.mask_id = config, mask_id
+        self.cache = DKVCache(model.config.num_hidden_layers)
+        self.prev: torch.Tensor | None = None
+        self.calls = 0
+        self.block = 0
+        self.fed_tokens = self.total_tokens = 0
+
+    def new_forward(self, module, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        x = input_ids
+        width = x.shape[1]
+        attention = torch.ones_like(x) if attention_mask is None else attention_mask
+        positions = position_ids if position_ids is not None else (attention.cumsum(-1) - 1).clamp_min(0)
+        if self.prev is None or self.prev.shape != x.shape:
+            self.block = width - (0 if self.prev is None or self.prev.shape[0] != x.shape[0] else self.prev.shape[1])
+            self.calls = 0
+        refresh = self.calls < 2 or self.calls % self.config.refresh_interval == 0
+        valid = attention.bool()
+        if refresh:
+            fed = valid
+        else:
+            fed = valid & ~((x == self.prev) & (self.prev != self.mask_id))
+            fed[:, width - self.block:] = valid[:, width - self.block:]
+        logits = forward_subset(module, self.cache, x, attention, positions, fed, refresh,
+                                call=self.fn_ref.original_forward)
+        self.prev = x.clone()
+        self.calls += 1
+        self.fed_tokens = self.fed_tokens + fed.sum()
+        self.total_tokens = self.total_tokens + valid.sum()
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=logits)
+
+    def reset_state(self, module):
+        self.prev, self.calls = None, 0
+        return module
+
+
+class _LLaDA2Handle:
+    def __init__(self, pipe, config: DKVCacheConfig):
+        self.model = pipe.model
+        self.created = not _compat.has_hook_registry(self.model)
+        mask_id = getattr(pipe.tokenizer, "mask_token_id", None) if pipe.tokenizer is not None else None
+        mask_id = mask_id if mask_id is not None else getattr(self.model.config, "mask_token_id", None)
+        if mask_id is None:
+            raise ConfigError("cannot find the mask token id (tokenizer.mask_token_id or model.config.mask_token_id)")
+        self.hook = _LLaDA2Hook(self.model, config, mask_id)
+        _compat.registry_of(self.model).register_hook(self.hook, WINDOW_HOOK)
+
+    def remove(self) -> None:
+        _compat.remove_hook(self.model, WINDOW_HOOK)
+        _compat.drop_empty_registries(self.model, {id(self.model)} if self.created else set())
+
+    def stats(self) -> dict:
+        return {"tokens_computed": int(self.hook.fed_tokens), "tokens_total": int(self.hook.total_tokens)}
+
+
 @register_text_plugin(DKVCacheConfig)
 def _install(pipe, config: DKVCacheConfig):
+    if type(pipe).__name__ == "LLaDA2Pipeline":
+        if config.variant != "decode":
+            raise ConfigError(f"LLaDA2Pipeline supports variant='decode' only, got {config.variant!r}")
+        return _LLaDA2Handle(pipe, config)
     if getattr(pipe, "cache_controller", None) is not None:
         raise ConfigError("this diffusion LM pipeline already has a KV cache applied; accel.remove it first")
     return DKVHandle(pipe, config)

@@ -179,7 +179,8 @@ class DiffusionLMPipeline:
                 if stream is not None:
                     for row, pos in commit.nonzero().tolist():
                         stream(step, row, pos - P, int(x[row, pos]))
-                bar.update(int(commit.sum()) // max(B, 1))
+                if self.progress:  # counting syncs with the device: only when a bar is shown
+                    bar.update(int(commit.sum()) // max(B, 1))
                 i += 1
                 step += 1
             if stop_at_eos and b + 1 < blocks:

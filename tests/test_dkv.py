@@ -102,3 +102,40 @@ def test_parallel_decoding_with_a_cache_and_bad_combinations():
         DKVCacheConfig(variant="nope")
     accel.remove(pipe)
     assert accel.applied(pipe) == []
+
+
+def test_no_item_calls_inside_the_step_loop(monkeypatch):
+    pipe = _pipe()
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=4))
+
+    def refuse(self):
+        raise AssertionError("Tensor.item() called in the decoding loop")
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    out = pipe([PROMPT_24, "sort:qwert|"], gen_length=32, block_length=32, steps=16, return_ids=True)
+    assert out.shape == (2, 32)
+
+
+def test_llada2_pipeline_under_a_decode_cache():
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    plain_pipe = _pipe()
+    pipe = LLaDA2Pipeline(model=plain_pipe.model, scheduler=BlockRefinementScheduler(), tokenizer=plain_pipe.tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    tok = plain_pipe.tokenizer
+    kw = dict(prompt="copy:abcdefgh|", gen_length=64, block_length=32, num_inference_steps=8, use_chat_template=False,
+              mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id, output_type="seq", eos_early_stop=False)
+    plain = pipe(**kw).sequences
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=1))
+    assert torch.equal(pipe(**kw).sequences, plain)
+    accel.remove(pipe)
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=4))
+    pipe(**kw)
+    stats = accel.stats(pipe)
+    assert 0 < stats["tokens_computed"] < stats["tokens_total"]
+    with pytest.raises(accel.ConfigError, match="at most one cache"):
+        accel.apply(pipe, DKVCacheConfig(variant="decode"))
+    accel.remove(pipe)
+    assert not hasattr(pipe.model, "_diffusers_hook") and torch.equal(pipe(**kw).sequences, plain)
+    with pytest.raises(accel.ConfigError, match="decode"):
+        accel.apply(pipe, DKVCacheConfig(variant="dual"))
