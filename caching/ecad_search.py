@@ -73,6 +73,8 @@ class SearchSettings:
         reject_margin: early-rejection margin in ``quality`` units (``None`` disables it).
         n_points / crossover_prob / mutation_prob: pymoo operator settings (paper: 4, 0.9, 0.05).
         image_seed: generator seed of calibration prompt ``i`` is ``image_seed + i``.
+        profile_seeds: also seed with step masks built from the uncached run's block-stack residuals
+            (ERTACache's greedy rule at several reuse counts; all components follow the mask).
     """
 
     pop_size: int = 72
@@ -85,6 +87,7 @@ class SearchSettings:
     crossover_prob: float = 0.9
     mutation_prob: float = 0.05
     image_seed: int = 0
+    profile_seeds: bool = True
 
     def __post_init__(self):
         if self.pop_size < 4 or self.generations < 1:
@@ -242,6 +245,41 @@ def seed_schedules(slots: list[str], num_steps: int,
         cross = np.isin(comps, cross_attention)
         for frac in (0.3, 0.5, 0.7):
             add(f"cross-attention reused after {frac:.0%}", steps < round(frac * num_steps), cross)
+    return out
+
+
+def _profile_seeds(pipe, prompts, call_kwargs, settings, work_dir: Path, state, n_slots: int):
+    """Step masks from the residual profile of an uncached run (stored in ``profile_seeds.json``)."""
+    from accelerate.utils import broadcast_object_list
+
+    from .ertacache_profile import _blank, _call, _handle, delta_for_reuse, greedy_mask, relative_errors
+
+    path = work_dir / "profile_seeds.json"
+    masks = [None]
+    if state.is_main_process:
+        if not path.exists():
+            steps = _num_steps(pipe, call_kwargs)
+            residuals: list[dict] = [dict() for _ in range(steps)]
+            blank = _blank(pipe, steps)
+            kwargs = {**call_kwargs, "output_type": "latent"}
+            with api.applying(pipe, blank):
+                _handle(pipe, blank).state.record = (
+                    lambda step, ctx, u, r: residuals[step].__setitem__(ctx, r.detach().float().cpu()))
+                _call(pipe, prompts, kwargs, settings.image_seed)
+            errors = relative_errors(residuals)
+            found = []
+            for reuse in range(2, steps - 2):
+                mask = greedy_mask(errors, delta_for_reuse(errors, reuse, warmup=2), warmup=2)
+                if mask not in found and "R" in mask:
+                    found.append(mask)
+            _atomic_json(path, found)
+        masks = [json.loads(path.read_text())]
+    if state.num_processes > 1:
+        broadcast_object_list(masks)
+    out = []
+    for mask in masks[0]:
+        rows = np.array([m == "C" for m in mask])
+        out.append((f"residual profile {mask}", np.repeat(rows[:, None], n_slots, axis=1)))
     return out
 
 
@@ -430,6 +468,8 @@ def search(pipe, prompts: list[str], work_dir: str | os.PathLike, settings: Sear
     adapter = get_adapter(pipe.transformer)
     cross = tuple(c for g in adapter.groups for c in g.cross_attention)
     seeds = seed_schedules(slots, steps, cross)
+    if settings.profile_seeds:
+        seeds = _profile_seeds(pipe, prompts, call_kwargs, settings, work_dir, state, len(slots)) + seeds
     rng = np.random.default_rng(settings.seed)
     x0 = initial_population([b for _, b in seeds], settings.pop_size, rng)
     seed_names = {_key(b[1:].reshape(-1)): name for name, b in seeds}

@@ -116,3 +116,22 @@ def test_transfer_to_another_resolution_reports_speedup_kept(uninterrupted, tmp_
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"default", "32px"} and report["speedup_kept"] > 0
     assert "Speedup kept" in out.with_suffix(".md").read_text()
+
+
+def test_residual_profile_seeds_enter_the_first_generation(tmp_path):
+    import numpy as np
+
+    from caching.ecad_search import _unkey
+
+    work = tmp_path / "seeded"
+    args = [*ARGS, "--steps", "10", "--work-dir", str(work)]
+    args[args.index("--generations") + 1] = "1"
+    args[args.index("--pop-size") + 1] = "12"
+    assert main(args) == 0
+    masks = json.loads((work / "profile_seeds.json").read_text())
+    assert masks and all(m[:2] == "CC" and m[-1] == "C" and "R" in m for m in masks)
+    first = [json.loads(line) for line in (work / "evals.rank0.jsonl").read_text().splitlines()]
+    rows = {"".join("C" if r.all() else "R" if not r.any() else "?" for r in _unkey(rec["key"]).reshape(9, -1))
+            for rec in first}
+    assert {m[1:] for m in masks} <= rows
+    assert np.isfinite([rec["psnr"] for rec in first]).all()
