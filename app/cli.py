@@ -193,7 +193,7 @@ def _ecad_search(args: argparse.Namespace) -> int:
 
     settings = SearchSettings(pop_size=args.pop_size, generations=args.generations, seed=args.seed,
                               cost=args.cost, reject_margin=args.reject_margin if args.reject_margin >= 0 else None,
-                              profile_seeds=not args.no_profile_seeds)
+                              profile_seeds=args.profile_seeds)
     result = search(pipe, prompts, args.work_dir, settings, call_kwargs=call, scorer=scorer, resume=args.resume,
                     progress=not args.quiet)
     from pathlib import Path
@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--cost", choices=("latency", "macs"), default="latency")
     es.add_argument("--reject-margin", type=float, default=3.0, help="early rejection margin in dB (<0: off)")
     es.add_argument("--seed", type=int, default=0)
-    es.add_argument("--no-profile-seeds", action="store_true",
-                    help="seed with hand-made schedules only (no residual-profile step masks)")
+    es.add_argument("--profile-seeds", action="store_true",
+                    help="also seed with step masks from the uncached run's residual profile")
     es.add_argument("--threads", type=int, default=0)
     es.add_argument("--quiet", action="store_true")
     es.set_defaults(func=_ecad_search)

@@ -124,7 +124,7 @@ def test_residual_profile_seeds_enter_the_first_generation(tmp_path):
     from caching.ecad_search import _unkey
 
     work = tmp_path / "seeded"
-    args = [*ARGS, "--steps", "10", "--work-dir", str(work)]
+    args = [*ARGS, "--steps", "10", "--profile-seeds", "--work-dir", str(work)]
     args[args.index("--generations") + 1] = "1"
     args[args.index("--pop-size") + 1] = "12"
     assert main(args) == 0
