@@ -3,7 +3,8 @@
     $ accel bench dllm --n 64
 
 Methods, all on the same held-out tasks in one process: uncached (one token per step), each
-dKV-Cache variant, threshold parallel decoding, and parallel decoding with a cache; at batch 1 and
+dKV-Cache variant (Greedy beside an uncached run with the same random commit order, which it
+needs), threshold parallel decoding, and parallel decoding with a cache; at batch 1 and
 batch 8; short prompts, plus a long-prompt setting (few-shot examples in front, at least 256 prompt
 tokens) reported separately. Fixed settings: generation length 128, block length 32, 128 steps for
 the fixed-quota methods, refresh interval 8 for Decode, tau = 0.9.
@@ -29,6 +30,8 @@ from caching import DKVCacheConfig
 METHODS = [
     ("uncached", None, {}),
     ("decode R=8", DKVCacheConfig("decode", 8), {}),
+    ("uncached, random order", None, {"remasking": "random"}),
+    ("greedy R=2 w=4", DKVCacheConfig("greedy", 2, 4), {"remasking": "random"}),
     ("prefill", DKVCacheConfig("prefill"), {}),
     ("pd R=8", DKVCacheConfig("pd", 8), {}),
     ("prefix", DKVCacheConfig("prefix"), {}),

@@ -18,6 +18,11 @@ absolute order). Which positions are fed is decided per step by the variant:
   real token at step i, stored, and served from step i+1: the delay); everything else, the masked
   suffix included, is fed. Full forwards rebuild the cache at the first two steps of every block and
   every ``refresh_interval`` steps.
+* ``greedy`` (dKV-Cache-Greedy; needs ``remasking="random"``, whose order is fixed per block so
+  the next commits are known): a step feeds only the tokens committed at the previous step (the
+  delay), the positions it will commit, and up to ``window`` still-masked neighbours of each of
+  those (nearest first, left before right); every other position, masked ones included, is served
+  stale. Full forwards every ``refresh_interval`` steps of a block (2 in the paper), step 0 included.
 * ``prefill``: the prompt's K/V are computed at the first step and never refreshed; every answer
   position is fed at every step.
 * ``pd``: the prompt as in ``prefill``, answer tokens by the ``decode`` rule; refreshes recompute
@@ -47,24 +52,27 @@ from accel.api import register_text_plugin
 from accel.config import PluginConfig, check_int
 from accel.errors import ConfigError
 
-VARIANTS = ("decode", "prefill", "pd", "prefix", "dual")
+VARIANTS = ("decode", "greedy", "prefill", "pd", "prefix", "dual")
 
 
 @dataclass
 class DKVCacheConfig(PluginConfig):
     """Args:
         variant: one of ``decode``, ``prefill``, ``pd``, ``prefix``, ``dual`` (see the module doc).
-        refresh_interval: R, full forwards every R steps of a block (``decode``/``pd``); 1 = every
-            step (identical to no cache).
+        refresh_interval: R, full forwards every R steps of a block (``decode``/``pd``/``greedy``);
+            1 = every step (identical to no cache).
+        window: ``greedy`` only: still-masked neighbours fed around each position about to be committed.
     """
 
     variant: str = "decode"
     refresh_interval: int = 8
+    window: int = 4
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         check_int("refresh_interval", self.refresh_interval, 1)
+        check_int("window", self.window, 0)
 
 
 @dataclass
@@ -171,6 +179,7 @@ class DKVController:
     def __init__(self, model, config: DKVCacheConfig, mask_id: int):
         self.model, self.config, self.mask_id = model, config, mask_id
         self.cache = DKVCache(model.config.num_hidden_layers)
+        self.pipe = None  # the pipeline, for the plan hints greedy needs
         self.reset()
 
     def reset(self) -> None:
@@ -200,6 +209,8 @@ class DKVController:
             if self.prev is None:
                 return valid, True
             return answer & valid, False
+        if v == "greedy":
+            return self._greedy(x, valid)
         refresh = i < 2 or i % self.config.refresh_interval == 0 or self.prev is None
         if v == "pd" and self.prev is not None and refresh:
             return answer & valid, False  # refresh the answer rows; the prompt stays cached
@@ -209,6 +220,39 @@ class DKVController:
         if v == "pd":
             same = same | ~answer
         return valid & ~same, False
+
+    def _greedy(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        hint = getattr(self.pipe, "plan_hint", None) if self.pipe is not None else None
+        if hint is None or hint.get("priority") is None:
+            raise ConfigError("dKV-Cache-Greedy needs remasking='random' with a fixed step quota (no threshold)")
+        i = self.step_in_block
+        if self.prev is None or i % self.config.refresh_interval == 0:
+            return valid, True
+        masked = (x == self.mask_id) & hint["in_block"][None, :]
+        just_committed = (self.prev == self.mask_id) & (x != self.mask_id)  # the delay
+        n = hint["quotas"][:, i]
+        score = hint["priority"].masked_fill(~masked, -1.0)
+        rank = score.argsort(-1, descending=True).argsort(-1)
+        upcoming = (rank < n[:, None]) & masked  # what this step commits
+        near = torch.zeros_like(upcoming)
+        closeness = torch.zeros(x.shape, device=x.device)  # larger = nearer (left before right)
+        still = (x == self.mask_id) & ~upcoming
+        k = 0
+        for d in range(1, self.config.window + 1):
+            for shift in (d, -d):  # position p is a neighbour when upcoming[p + shift]
+                moved = torch.roll(upcoming, shifts=-shift, dims=1)
+                if shift > 0:
+                    moved[:, -shift:] = False
+                else:
+                    moved[:, :-shift] = False
+                new = moved & still & ~near
+                closeness = torch.where(new, float(2 * self.config.window - k), closeness)
+                near |= new
+                k += 1
+        if self.config.window:  # at most `window` neighbours per upcoming position, nearest first
+            order = closeness.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+            near &= order < (n * self.config.window)[:, None]
+        return valid & (just_committed | upcoming | near), False
 
     def __call__(self, x, attention, positions, step: int, block: int, prompt_len: int, block_start: int,
                  block_end: int):
@@ -235,6 +279,7 @@ class DKVHandle:
     def __init__(self, pipe, config: DKVCacheConfig):
         self.pipe = pipe
         self.controller = DKVController(pipe.model, config, pipe.tokenizer.mask_token_id)
+        self.controller.pipe = pipe
         pipe.cache_controller = self.controller
 
     def remove(self) -> None:

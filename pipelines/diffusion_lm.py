@@ -143,6 +143,10 @@ class DiffusionLMPipeline:
             in_block = torch.zeros(x.shape[1], dtype=torch.bool, device=dev)
             in_block[lo:hi] = True
             quotas = None if per_block is None else _quotas((x[:, lo:hi] == mask_id).sum(1), per_block)
+            # random remasking: one random order per block (the same distribution as fresh draws each
+            # step, and it lets a cache know which positions the next step commits)
+            priority = (torch.rand(x.shape, generator=generator, device="cpu").to(dev)
+                        if remasking == "random" and threshold is None else None)
             i = 0
             while True:
                 masked = (x == mask_id) & in_block
@@ -150,6 +154,7 @@ class DiffusionLMPipeline:
                     break
                 if per_block is not None and i >= per_block:
                     break
+                self.plan_hint = {"priority": priority, "quotas": quotas, "step_in_block": i, "in_block": in_block}
                 result = call(x, attention, positions, step, b, P, lo, hi)
                 logits, fed = result if isinstance(result, tuple) else (result, None)
                 logits = logits.float()
@@ -163,8 +168,8 @@ class DiffusionLMPipeline:
                     pred = (logits.double() / temperature + g).argmax(-1)
                 else:
                     pred = logits.argmax(-1)
-                if remasking == "random" and threshold is None:
-                    conf = torch.rand(x.shape, generator=generator, device="cpu").to(dev)
+                if priority is not None:
+                    conf = priority.clone()
                 else:
                     conf = logits.softmax(-1).gather(-1, pred[..., None])[..., 0]
                 conf = conf.masked_fill(~masked if fed is None else ~(masked & fed), -math.inf)

@@ -139,3 +139,19 @@ def test_llada2_pipeline_under_a_decode_cache():
     assert not hasattr(pipe.model, "_diffusers_hook") and torch.equal(pipe(**kw).sequences, plain)
     with pytest.raises(accel.ConfigError, match="decode"):
         accel.apply(pipe, DKVCacheConfig(variant="dual"))
+
+
+def test_greedy_feeds_the_delay_the_next_commits_and_a_window():
+    pipe = _pipe()
+    kw = dict(KW, remasking="random")
+    plain = pipe([PROMPT_24], generator=torch.Generator().manual_seed(0), **kw)
+    accel.apply(pipe, DKVCacheConfig(variant="greedy", refresh_interval=1))
+    assert torch.equal(pipe([PROMPT_24], generator=torch.Generator().manual_seed(0), **kw), plain)
+    accel.remove(pipe)
+    accel.apply(pipe, DKVCacheConfig(variant="greedy", refresh_interval=2, window=2))
+    out = pipe([PROMPT_24], generator=torch.Generator().manual_seed(0), **kw)
+    fed = [int(c[0]) for c in pipe.cache_controller.fed_counts]
+    # full forwards at even steps; otherwise |D_{i-1}| + |D_i| + window = 1 + 1 + 2
+    assert fed[:6] == [88, 4, 88, 4, 88, 4] and not (out == pipe.tokenizer.mask_token_id).any()
+    with pytest.raises(accel.ConfigError, match="remasking='random'"):
+        pipe([PROMPT_24], **KW)
