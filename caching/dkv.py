@@ -62,17 +62,24 @@ class DKVCacheConfig(PluginConfig):
         refresh_interval: R, full forwards every R steps of a block (``decode``/``pd``/``greedy``);
             1 = every step (identical to no cache).
         window: ``greedy`` only: still-masked neighbours fed around each position about to be committed.
+        dream_shift: for shifted-logit (Dream-style) models, when row j may be served from the cache
+            (the delay applies on top): ``"un"`` once token j+1 is committed (dKV-Cache's default),
+            ``"right"`` once token j is, ``"un_right"`` once both are. Rows whose output predicts a
+            masked token are always fed.
     """
 
     variant: str = "decode"
     refresh_interval: int = 8
     window: int = 4
+    dream_shift: str = "un"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         check_int("refresh_interval", self.refresh_interval, 1)
         check_int("window", self.window, 0)
+        if self.dream_shift not in ("un", "right", "un_right"):
+            raise ConfigError(f"dream_shift must be 'un', 'right' or 'un_right', got {self.dream_shift!r}")
 
 
 @dataclass
@@ -180,6 +187,7 @@ class DKVController:
         self.model, self.config, self.mask_id = model, config, mask_id
         self.cache = DKVCache(model.config.num_hidden_layers)
         self.pipe = None  # the pipeline, for the plan hints greedy needs
+        self.shift = False  # set per generation by a shifted-logit (Dream-style) pipeline
         self.reset()
 
     def reset(self) -> None:
@@ -217,6 +225,11 @@ class DKVController:
         if refresh:
             return valid, True
         same = (x == self.prev) & (self.prev != self.mask_id)
+        if self.shift:  # Dream: row j predicts token j+1
+            nxt = torch.cat([same[:, 1:], torch.ones_like(same[:, :1])], 1)
+            same = {"un": nxt, "right": same, "un_right": same & nxt}[self.config.dream_shift]
+            predicts_mask = torch.cat([x[:, 1:] == self.mask_id, torch.zeros_like(same[:, :1])], 1)
+            same = same & ~predicts_mask
         if v == "pd":
             same = same | ~answer
         return valid & ~same, False

@@ -93,10 +93,12 @@ class DiffusionLMPipeline:
 
     # -- one forward ---------------------------------------------------------------------------
     def logits(self, x: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=x, attention_mask=attention, position_ids=positions).logits
-        if self.shift_logits:
-            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
-        return out
+        """Model rows (unshifted); :meth:`__call__` applies the Dream shift."""
+        return self.model(input_ids=x, attention_mask=attention, position_ids=positions).logits
+
+    @staticmethod
+    def _shift(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:, :1], t[:, :-1]], dim=1)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -128,8 +130,7 @@ class DiffusionLMPipeline:
         controller = self.cache_controller if forward is None else None
         if controller is not None:
             controller.reset()
-            if self.shift_logits:
-                raise ConfigError("dKV-Cache with shifted logits (Dream-style) is not supported yet")
+            controller.shift = self.shift_logits
             forward = controller
         call = forward or (lambda x_, a_, p_, s_, b_, *_: self.logits(x_, a_, p_))
         per_block = steps // blocks if threshold is None else None
@@ -157,6 +158,9 @@ class DiffusionLMPipeline:
                 self.plan_hint = {"priority": priority, "quotas": quotas, "step_in_block": i, "in_block": in_block}
                 result = call(x, attention, positions, step, b, P, lo, hi)
                 logits, fed = result if isinstance(result, tuple) else (result, None)
+                if self.shift_logits:  # position j reads row j-1
+                    logits = self._shift(logits)
+                    fed = None if fed is None else self._shift(fed)
                 logits = logits.float()
                 logits[..., mask_id] = -math.inf  # never "commit" the mask token itself
                 self.nfe += 1

@@ -155,3 +155,27 @@ def test_greedy_feeds_the_delay_the_next_commits_and_a_window():
     assert fed[:6] == [88, 4, 88, 4, 88, 4] and not (out == pipe.tokenizer.mask_token_id).any()
     with pytest.raises(accel.ConfigError, match="remasking='random'"):
         pipe([PROMPT_24], **KW)
+
+
+@pytest.mark.parametrize("rule", ["un", "right", "un_right"])
+def test_dream_shifted_logits_under_a_cache(rule):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    cfg.is_causal = False
+    torch.manual_seed(0)
+    pipe = DiffusionLMPipeline(Qwen2ForCausalLM(cfg).eval(), tok, shift_logits=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [PROMPT_24, "sort:qwe|"]
+    plain = pipe(prompts, **KW)
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=1, dream_shift=rule))
+    assert torch.equal(pipe(prompts, **KW), plain)
+    accel.remove(pipe)
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=4, dream_shift=rule))
+    out = pipe(prompts, **KW)
+    assert not (out == tok.mask_token_id).any() and pipe.cache_controller.computed_fraction < 0.8
+    # every row that predicts a still-masked token is fed: the batch equals rows run alone
+    singles = torch.cat([pipe([p], **KW) for p in prompts])
+    assert torch.equal(out, singles)
