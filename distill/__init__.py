@@ -1,1 +1,1 @@
-"""One-step distillation trainers (DMD2-style, multi-student, noise-consistency); not built yet."""
+"""One-step distillation: losses (pure functions) now; roles, methods, the accelerate trainer and export next."""
