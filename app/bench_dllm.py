@@ -47,15 +47,15 @@ def few_shot(prompt: str, shots: list) -> str:
     return "".join(f"{t.prompt}{t.answer}\n" for t in shots) + prompt
 
 
-def _run(pipe, tasks, prompts, batch: int, config, extra: dict) -> dict:
+def _run(pipe, tasks, prompts, batch: int, config, extra: dict, call: dict) -> dict:
     from pipelines.zoo.dlm import exact_match
 
     answers, seconds, tokens, computed, nfe = [], 0.0, 0, [], []
     with accel.applying(pipe, *([config] if config is not None else [])):
-        pipe([prompts[0]], **CALL, **extra)  # warm-up
+        pipe([prompts[0]], **call, **extra)  # warm-up
         for i in range(0, len(prompts), batch):
             t0 = time.perf_counter()
-            ids = pipe(prompts[i:i + batch], **CALL, **extra, return_ids=True)
+            ids = pipe(prompts[i:i + batch], **call, **extra, return_ids=True)
             seconds += time.perf_counter() - t0
             nfe.append(pipe.nfe)
             eos = pipe.tokenizer.eos_token_id
@@ -69,17 +69,19 @@ def _run(pipe, tasks, prompts, batch: int, config, extra: dict) -> dict:
             "computed": statistics.fmean(computed) if computed else 1.0, "nfe": statistics.fmean(nfe)}
 
 
-def run(n: int = 64, batches=(1, 8), long_prompt: bool = True, progress: bool = True, path=None) -> dict:
+def run(n: int = 64, batches=(1, 8), long_prompt: bool = True, progress: bool = True, path=None,
+        call: dict | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from pipelines.zoo import load_reference
     from pipelines.zoo.dlm import sample_tasks
 
+    call = dict(CALL if call is None else call)
     pipe = load_reference("dlm-tasks", path=path)
     tasks = sample_tasks("heldout", n)
     settings = [("short", [t.prompt for t in tasks])]
     if long_prompt:
-        shots = sample_tasks("calibration", 24)
+        shots = sample_tasks("calibration", 10)
         settings.append(("long", [few_shot(t.prompt, shots) for t in tasks]))
     rows = []
     bar = tqdm(total=len(settings) * len(batches) * len(METHODS), desc="bench dllm", disable=not progress)
@@ -89,22 +91,22 @@ def run(n: int = 64, batches=(1, 8), long_prompt: bool = True, progress: bool = 
             base = None
             for name, config, extra in METHODS:
                 row = {"prompts": label, "prompt_tokens": width, "batch": batch, "method": name,
-                       **_run(pipe, tasks, prompts, batch, config, extra)}
+                       **_run(pipe, tasks, prompts, batch, config, extra, call)}
                 base = base or row
                 row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
                 row["exact_match_change"] = row["exact_match"] - base["exact_match"]
                 rows.append(row)
                 bar.update()
     bar.close()
-    return {"suite": "dllm", "n": n, "call": CALL, "hardware": hardware(), "rows": rows,
+    return {"suite": "dllm", "n": n, "call": call, "hardware": hardware(), "rows": rows,
             "dtype": str(next(pipe.model.parameters()).dtype)}
 
 
 def markdown(result: dict) -> str:
     hw = result["hardware"]
     lines = ["# Benchmark `dllm` (dlm-tasks)", "", f"Command: `{result.get('command', '')}`", "",
-             f"{result['n']} held-out tasks; generation length 128, block 32, 128 steps (fixed-quota methods), "
-             f"tau 0.9; {result['dtype']} on {hw.get('gpu') or hw['cpu_model']} ({hw['cpu_cores']} cores), "
+             f"{result['n']} held-out tasks; {result['call']} (steps: fixed-quota methods), tau 0.9; "
+             f"{result['dtype']} on {hw.get('gpu') or hw['cpu_model']} ({hw['cpu_cores']} cores), "
              f"torch {hw['torch']}, transformers {hw.get('transformers')}.", ""]
     for label in dict.fromkeys(r["prompts"] for r in result["rows"]):
         sub = [r for r in result["rows"] if r["prompts"] == label]

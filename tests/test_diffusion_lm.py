@@ -104,3 +104,20 @@ def test_training_resumes_and_the_saved_pipeline_loads(tmp_path):
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     assert a.model.config.is_causal is False and a.tokenizer.mask_token == "<mask>"
     assert isinstance(a(["copy:abcdefgh|"], gen_length=32, block_length=32, steps=8)[0], str)
+
+
+def test_dllm_bench_harness_on_a_tiny_model(tmp_path):
+    from app import bench_dllm
+
+    path = train(tmp_path / "m", TINY, progress=False)
+    result = bench_dllm.run(n=2, batches=(1, 2), long_prompt=True, progress=False, path=path,
+                            call={"gen_length": 32, "block_length": 16, "steps": 16})
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * len(bench_dllm.METHODS)
+    base = [r for r in rows if r["method"] == "uncached"]
+    assert all(r["speedup"] == 1.0 and r["computed"] == 1.0 for r in base)
+    cached = [r for r in rows if r["method"] == "decode R=8"]
+    assert all(0 < r["computed"] < 1 for r in cached)
+    assert min(r["prompt_tokens"] for r in rows if r["prompts"] == "long") >= 256
+    out = bench_dllm.write(result, tmp_path)
+    assert "| 1 | decode R=8 |" in out.with_suffix(".md").read_text()
