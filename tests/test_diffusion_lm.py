@@ -18,7 +18,7 @@ from pipelines.zoo.dlm import (
 )
 
 TINY = DLMRecipe(hidden=32, layers=2, heads=2, intermediate=64, batch=8, steps=6, warmup=2, checkpoint_every=3,
-                 eval_every=1000, train_tasks=64)
+                 eval_every=1000, train_tasks=64, train_lengths=(16, 32))
 
 
 @pytest.fixture(scope="module")

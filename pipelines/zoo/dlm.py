@@ -14,7 +14,8 @@ with ``<pad>``, ``<mask>``, ``<eos>``, ``<bos>`` and a chat template), saved in 
 
 Training is LLaDA's supervised recipe: the prompt is kept, each answer token (EOS padding
 included) is masked with probability t ~ U(0, 1], and the loss is the cross-entropy on masked
-positions divided by t, averaged per answer token. Splits come from disjoint seed streams.
+positions divided by t, averaged per answer token; batches are EOS-padded to a length drawn from
+``train_lengths`` so padding does not swamp the content. Splits come from disjoint seed streams.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ class DLMRecipe:
     heads: int = 4
     intermediate: int = 480
     gen_length: int = 128
+    # answer lengths the batches are padded to (drawn per step): with only 128, ~92% of the loss is
+    # EOS padding and content is learned slowly (measured: 0% exact match after 4000 steps)
+    train_lengths: tuple[int, ...] = (32, 32, 64, 128)
     batch: int = 32
-    steps: int = 12000
+    steps: int = 20000
     lr: float = 1e-3
     warmup: int = 300
     seed: int = 0
@@ -235,7 +239,9 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
         while step < recipe.steps:
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
             idx = torch.randint(len(train_tasks), (recipe.batch,), generator=gen).tolist()
-            ids, answer, attn = batch_of([train_tasks[i] for i in idx], tokenizer, recipe.gen_length)
+            lengths = recipe.train_lengths or (recipe.gen_length,)
+            length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
+            ids, answer, attn = batch_of([train_tasks[i] for i in idx], tokenizer, length)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, recipe)
             loss = masked_diffusion_loss(model, ids, answer, attn, tokenizer.mask_token_id, gen)
