@@ -68,14 +68,18 @@ class PluginConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a missing file or bad JSON is a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

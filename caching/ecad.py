@@ -27,7 +27,6 @@ round(m (N-1) / (M-1)) (halves round up). The bits do not depend on resolution, 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import torch
 
 from accel.adapters import ModelAdapter, get_adapter
 from accel.api import register_plugin
-from accel.config import PluginConfig, check_int
+from accel.config import PluginConfig, check_int, read_json
 from accel.errors import ConfigError
 from accel.reuse import ReuseInstaller
 
@@ -264,12 +263,7 @@ class ECADConfig(PluginConfig):
         """Read a schedule in the layout the ECAD authors publish (``cache_schedule.schedule`` maps
         ``"000"`` -> block (``"0"``, or ``"single_0"`` for FLUX) -> component -> bool) for ``target``."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path)
         body = data.get("cache_schedule", data) if isinstance(data, dict) else None
         table = body.get("schedule") if isinstance(body, dict) else None
         if not isinstance(table, dict) or not table:
