@@ -34,11 +34,15 @@ from diffusers.hooks.sea_cache import (
     _SEA_CACHE_ROOT_HOOK,
 )
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections as wan_qkv_projections
 
 __all__ = [
     "CacheContext", "HookRegistry", "ModelHook", "StateManager", "DIFFUSERS_CACHES", "SeaCacheConfig",
     "set_cache_context", "registry_of", "has_hook_registry", "diffusers_cache_enabled",
     "remove_hook", "remove_hook_everywhere", "drop_empty_registries",
+    "dispatch_attention_fn", "apply_rotary_emb", "wan_qkv_projections",
 ]
 
 # config class -> (apply function, hook names it registers, needs a current-timestep callback)

@@ -36,7 +36,7 @@ def test_tasks_splits_tokenizer_and_scoring():
     assert all(8 <= len(t.answer) <= 15 for t in held)
     add = next(t for t in held if t.kind == "add")
     a, b = add.text.split("+")
-    assert add.answer == f"{add.text}={int(a) + int(b)}"
+    assert len(a) == len(b) == 3 and add.answer == f"{add.text}={int(a) + int(b):04d}"
     tok = build_tokenizer()
     ids = tok(held[1].prompt, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(held[1].prompt) and tok.decode(ids) == held[1].prompt

@@ -8,8 +8,10 @@
 
 Tasks (prompt ``"<task>:<input>|"``, answer then EOS padding up to the generation length):
 ``copy`` and ``reverse`` of 8-12 lowercase letters, ``sort`` of 8-12 letters, and ``add``
-(two numbers of 3-4 digits; the answer restates the sum, ``"4821+377=5198"``), so every answer has
-8-15 tokens. The tokenizer is character-level (``tokenizers`` WordLevel over single characters,
+(two numbers below 1000 written with three digits, the answer restating them with a four-digit
+sum, ``"082+377=0459"``: fixed widths put every digit at a fixed offset from the digits it depends
+on; with free widths the model had learned no addition at all after 20000 steps), so every answer
+has 8-12 tokens. The tokenizer is character-level (``tokenizers`` WordLevel over single characters,
 with ``<pad>``, ``<mask>``, ``<eos>``, ``<bos>`` and a chat template), saved in the standard format.
 
 Training is LLaDA's supervised recipe: the prompt is kept, each answer token (EOS padding
@@ -49,9 +51,9 @@ class Task:
 
 def _make(kind: str, rng: random.Random) -> Task:
     if kind == "add":
-        a, b = rng.randint(100, 9999), rng.randint(100, 9999)
-        text = f"{a}+{b}"
-        return Task(kind, text, f"add:{text}|", f"{text}={a + b}")
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        text = f"{a:03d}+{b:03d}"
+        return Task(kind, text, f"add:{text}|", f"{text}={a + b:04d}")
     text = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(8, 12)))
     answer = {"copy": text, "reverse": text[::-1], "sort": "".join(sorted(text))}[kind]
     return Task(kind, text, f"{kind}:{text}|", answer)
@@ -111,7 +113,7 @@ class DLMRecipe:
     # EOS padding and content is learned slowly (measured: 0% exact match after 4000 steps)
     train_lengths: tuple[int, ...] = (32, 32, 64, 128)
     batch: int = 32
-    steps: int = 20000
+    steps: int = 40000
     lr: float = 1e-3
     warmup: int = 300
     seed: int = 0
