@@ -8,6 +8,8 @@
     $ accel ecad search --model shapes-t2i --work-dir runs/ecad   # NSGA-II cache-schedule search
     $ accel ecad show runs/ecad/frontier/00_*.json                # summary + heat-map PNG
     $ accel erta profile --model shapes-t2i --target-speedup 2 --out erta.json   # ERTACache profile
+    $ accel sparse search --model shapes-t2v --out plan.json     # Sparse-vDiT per-head plan search
+    $ accel bench sparse-kernel # block-sparse kernel vs SDPA/FlexAttention (GPU; lists what is unmeasured)
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
 """
@@ -34,6 +36,15 @@ def _bench(args: argparse.Namespace) -> int:
         result["command"] = "accel " + shlex.join(sys.argv[1:])
         path = bench_dllm.write(result, args.out)
         print(bench_dllm.markdown(result))
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.suite == "sparse-kernel":
+        from app import bench_sparse
+
+        result = bench_sparse.run(shape=args.shape, dtype=args.dtype)
+        result["command"] = "accel " + shlex.join(sys.argv[1:])
+        path = bench_sparse.write(result, args.out)
+        print(bench_sparse.markdown(result))
         print(f"wrote {path} and {path.with_suffix('.md')}")
         return 0
     if args.suite not in SUITES:
@@ -308,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--schedules", help="ecad-*/erta-* suites: a folder of schedules/profiles (default: shipped)")
     bench.add_argument("--path", help="dllm: a trained dlm-tasks pipeline folder (default: the shipped one)")
+    bench.add_argument("--shape", default="wan-1.3b-480p", help="sparse-kernel: wan-1.3b-480p, cogvideox1.5, "
+                       "hunyuan-720p")
+    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="sparse-kernel: input dtype")
     bench.set_defaults(func=_bench)
 
     zoo = sub.add_parser("zoo", help="reference models: train and evaluate")
@@ -386,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--threads", type=int, default=0)
     rp.add_argument("--quiet", action="store_true")
     rp.set_defaults(func=_erta_profile)
+
+    from app import cli_sparse
+
+    cli_sparse.add_parser(sub)
     return parser
 
 
