@@ -9,6 +9,7 @@
     $ accel ecad show runs/ecad/frontier/00_*.json                # summary + heat-map PNG
     $ accel erta profile --model shapes-t2i --target-speedup 2 --out erta.json   # ERTACache profile
     $ accel sparse search --model shapes-t2v --out plan.json     # Sparse-vDiT per-head plan search
+    $ accel distill dmd --teacher shapes-t2i --output-dir runs/dmd   # one-step student (accelerate)
     $ accel bench sparse-kernel # block-sparse kernel vs SDPA/FlexAttention (GPU; lists what is unmeasured)
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
@@ -404,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     from app import cli_sparse
 
     cli_sparse.add_parser(sub)
+    from distill import run as distill_run
+
+    dist = sub.add_parser("distill", help="one-step distillation of a teacher pipeline (dmd, sid); accelerate")
+    distill_run.add_arguments(dist)
+    dist.set_defaults(func=distill_run.run)
     return parser
 
 

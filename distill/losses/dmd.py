@@ -31,13 +31,13 @@ def fake_score_loss(fake_x0: torch.Tensor, x_clean: torch.Tensor,
     if weight is not None:
         err = err * weight.float().flatten()
     loss = err.mean()
-    return loss, {"fake_loss": float(loss)}
+    return loss, {"fake_loss": float(loss.detach())}
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """L_G = mean softplus(-h(x_gen))."""
     loss = F.softplus(-logits_fake.float()).mean()
-    return loss, {"gan_g": float(loss)}
+    return loss, {"gan_g": float(loss.detach())}
 
 
 def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -45,7 +45,7 @@ def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> tup
     detached generator samples)."""
     fake, real = logits_fake.float(), logits_real.float()
     loss = F.softplus(fake).mean() + F.softplus(-real).mean()
-    return loss, {"gan_d": float(loss), "p_real": float(torch.sigmoid(real).mean()),
+    return loss, {"gan_d": float(loss.detach()), "p_real": float(torch.sigmoid(real).mean()),
                   "p_fake": float(torch.sigmoid(fake).mean())}
 
 
@@ -56,4 +56,4 @@ def teacher_score_matching_loss(student_x0: torch.Tensor, teacher_x0: torch.Tens
     if weight is not None:
         err = err * weight.float().flatten()
     loss = err.mean()
-    return loss, {"tsm_loss": float(loss)}
+    return loss, {"tsm_loss": float(loss.detach())}

@@ -1,0 +1,52 @@
+"""Conditions for data-free distillation: caption embeddings encoded once by the teacher's encoder.
+
+    >>> from distill.data import ConditionBank
+    >>> from pipelines.tiny import build_tiny
+    >>> pipe = build_tiny("pixart")
+    >>> bank = ConditionBank.encode(pipe, ["a red circle", "a blue square"], max_sequence_length=16)
+    >>> emb, mask, idx = bank.sample(4, seed=0)          # reproducible per (seed) draw
+    >>> emb.shape[0], bank.uncond[0].shape[0]
+    (4, 1)
+
+DMD2/SiD need no images: only conditions. Sampling is a pure function of a seed, so a resumed or
+multi-process run draws exactly the batches an uninterrupted one would (rank r uses its own seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ConditionBank:
+    captions: list[str]
+    embeds: torch.Tensor          # [N, L, C]
+    masks: torch.Tensor           # [N, L]
+    uncond: tuple[torch.Tensor, torch.Tensor]   # ([1, L, C], [1, L]) embedding of ""
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, pipe, captions: list[str], max_sequence_length: int = 40, batch: int = 64) -> ConditionBank:
+        if not captions:
+            raise ValueError("the condition bank needs at least one caption")
+        embeds, masks = [], []
+        for i in range(0, len(captions), batch):
+            e, m, _, _ = pipe.encode_prompt(captions[i:i + batch], do_classifier_free_guidance=False,
+                                            max_sequence_length=max_sequence_length, clean_caption=False,
+                                            device=torch.device("cpu"))
+            embeds.append(e.float())
+            masks.append(m)
+        u, um, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+                                         clean_caption=False, device=torch.device("cpu"))
+        return cls(list(captions), torch.cat(embeds), torch.cat(masks), (u.float(), um))
+
+    def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self.captions), (n,), generator=g)
+        return self.embeds[idx], self.masks[idx], idx
+
+    def subset(self, keep: list[int]) -> ConditionBank:
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        return ConditionBank([self.captions[i] for i in keep], self.embeds[keep_t], self.masks[keep_t], self.uncond)

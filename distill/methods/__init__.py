@@ -1,0 +1,11 @@
+"""Distillation methods: each module declares ``ROLES`` (trainable roles) and ``phases(config)``."""
+
+from . import dmd, sid
+
+METHODS = {"dmd": dmd, "sid": sid}
+
+
+def get(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown distillation method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

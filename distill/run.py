@@ -1,0 +1,98 @@
+"""Distillation as a plain training script (``accelerate launch -m distill.run …``) and the body of
+``accel distill METHOD``.
+
+    $ accel distill dmd --teacher shapes-t2i --output-dir runs/dmd --steps 2000 --batch 8
+    $ accelerate launch --num_processes 2 -m distill.run dmd --teacher shapes-t2i --output-dir runs/dmd
+    $ accel distill dmd --config dmd.json --resume latest         # a JSON file of DistillConfig fields
+
+``--teacher`` is ``tiny`` (a tiny random PixArt, for smoke runs), a reference model name, or a local
+diffusers pipeline folder. Conditions are the training captions of the reference model's data
+generator (or, for other teachers, the shipped calibration prompts or ``--captions FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def load_teacher(name: str):
+    if name == "tiny":
+        from pipelines.tiny import build_tiny
+
+        return build_tiny("pixart")
+    from pipelines.zoo import REFERENCES, load_reference
+
+    if name in REFERENCES:
+        return load_reference(name)
+    if Path(name).is_dir():
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(name)
+    raise SystemExit(f"--teacher {name!r}: not 'tiny', a reference model ({', '.join(REFERENCES)}) or a folder")
+
+
+def default_captions(teacher: str, n: int) -> list[str]:
+    from pipelines.zoo import REFERENCES
+
+    if teacher in REFERENCES:
+        from pipelines.zoo.shapes import caption, sample_scenes
+
+        return [caption(s) for s in sample_scenes("train", n)]
+    if teacher == "tiny":
+        return ["a red circle", "a blue square", "two green triangles", "a small yellow star"]
+    from caching.ecad_search import default_prompts
+
+    return default_prompts()
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    from .trainer import DistillConfig
+
+    ap.add_argument("method", help="dmd or sid")
+    ap.add_argument("--config", help="JSON file of DistillConfig fields (flags override it)")
+    ap.add_argument("--teacher", default="shapes-t2i")
+    ap.add_argument("--captions", help="text file of training captions (one per line)")
+    ap.add_argument("--num-captions", type=int, default=4096)
+    ap.add_argument("--quiet", action="store_true")
+    skip = {"method"}
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in skip:
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], str)
+        if f.type in ("bool",):
+            ap.add_argument("--" + f.name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"))
+        else:
+            ap.add_argument("--" + f.name.replace("_", "-"), type=kind)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainer import DistillConfig, train
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)} - {"method"}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.config:
+        config = DistillConfig.load(args.config, method=args.method, **overrides)
+    else:
+        config = DistillConfig(method=args.method, **overrides)
+    if args.captions:
+        captions = [line.strip() for line in Path(args.captions).read_text().splitlines() if line.strip()]
+    else:
+        captions = default_captions(args.teacher, args.num_captions)
+    pipe = load_teacher(args.teacher)
+    out = train(config, pipe, captions, progress=not args.quiet)
+    if out is not None:
+        print(json.dumps({"pipeline": str(out)}))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="one-step distillation (accelerate)")
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

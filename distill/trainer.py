@@ -1,0 +1,320 @@
+"""One accelerate trainer for every distillation method.
+
+    >>> from distill.trainer import DistillConfig, train
+    >>> from pipelines.tiny import build_tiny
+    >>> cfg = DistillConfig(method="dmd", output_dir="/tmp/dmd-demo", steps=2, batch=2, checkpoint_every=1)
+    >>> train(cfg, build_tiny("pixart"), captions=["a red circle", "a blue square"])   # doctest: +SKIP
+
+The same function runs under ``accelerate launch`` / ``torchrun`` (DDP on GPUs, gloo on CPU).
+Per step it runs each due phase of the method: only that phase's roles train (``requires_grad`` and
+train mode are toggled), the forward runs under accelerate's autocast, a non-finite loss skips the
+step (gradients zeroed, counted; the run aborts after ``max_nan_skips`` in a row), gradients are
+clipped, and the generator's EMA (diffusers ``EMAModel``) steps after generator updates. Batches
+are pure functions of (seed, step, rank), so a resumed run continues bit-identically.
+
+Checkpoints: ``accelerator.save_state`` into ``output_dir/checkpoint-N`` (written as
+``checkpoint-N.tmp`` then renamed, so a kill never leaves a half checkpoint), at most
+``checkpoints_total_limit`` kept; ``resume="latest"`` or a folder continues from one. Logs:
+``output_dir/log.jsonl`` (per-phase losses, gradient norms, NaN skips, images/s) and tensorboard
+when it is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import methods
+from .data import ConditionBank
+from .methods.base import Run
+from .roles import FakeScore, Teacher, generator_from
+
+
+@dataclass
+class DistillConfig:
+    """Args:
+        method: ``dmd`` or ``sid``.
+        output_dir: checkpoints, logs and the exported pipeline go here.
+        steps / batch: optimisation steps and per-process batch size.
+        lr_generator / lr_fake: AdamW learning rates (constant after ``warmup`` steps).
+        ttur: DMD2's generator update every ``ttur`` steps (the critic updates every step).
+        guidance: classifier-free guidance scale of the real (teacher) score.
+        t_c: the generator's fixed timestep (the teacher's last training timestep by default).
+        fake: ``"copy"`` (a full trainable copy) or ``"lora"`` (a peft LoRA on the teacher).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs ``max_grad_norm``).
+        max_grad_norm: gradient clipping (None: off).
+        ema_decay: decay of the generator's EMA (0: no EMA).
+        checkpoint_every / checkpoints_total_limit / resume: see the module docstring.
+        max_nan_skips: consecutive non-finite steps tolerated before aborting.
+        export: write the one-step pipeline to ``output_dir/pipeline`` at the end.
+    """
+
+    method: str = "dmd"
+    output_dir: str = "runs/distill"
+    steps: int = 1000
+    batch: int = 8
+    lr_generator: float = 1e-5
+    lr_fake: float = 1e-5
+    warmup: int = 0
+    ttur: int = 5
+    guidance: float = 3.0
+    t_c: int = 999
+    fake: str = "copy"
+    lora_rank: int = 16
+    sid_alpha: float = 1.2
+    mixed_precision: str = "no"
+    max_grad_norm: float | None = 10.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    checkpoints_total_limit: int = 2
+    resume: str | None = None
+    log_every: int = 10
+    max_nan_skips: int = 20
+    seed: int = 0
+    max_sequence_length: int = 40
+    export: bool = True
+
+    def __post_init__(self):
+        methods.get(self.method)
+        if self.fake not in ("copy", "lora"):
+            raise ValueError(f"fake must be 'copy' or 'lora', got {self.fake!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16" and not self.max_grad_norm:
+            raise ValueError("fp16 training without gradient clipping diverges (DMD2, SiD-LSG reports): "
+                             "set max_grad_norm or use bf16")
+        for name in ("steps", "batch", "ttur", "checkpoint_every", "checkpoints_total_limit", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.t_c < 1000:
+            raise ValueError(f"t_c must be a timestep in [0, 1000), got {self.t_c}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides) -> DistillConfig:
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; expected some of {sorted(names)}")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def check_teacher(pipe, config: DistillConfig) -> None:
+    """Fail before training on what would break it later."""
+    sched = pipe.scheduler
+    if not hasattr(sched, "alphas_cumprod"):
+        raise ValueError(f"the teacher's scheduler {type(sched).__name__} has no alphas_cumprod; the trainers need a "
+                         "DDPM/DDIM-type scheduler")
+    if sched.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported teacher prediction type {sched.config.prediction_type!r}")
+    if config.t_c >= sched.config.num_train_timesteps:
+        raise ValueError(f"t_c {config.t_c} is outside the teacher's {sched.config.num_train_timesteps} timesteps")
+    if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
+        raise ValueError(f"{type(pipe).__name__} is not a text-to-image transformer pipeline")
+
+
+def _latest(output: Path) -> Path | None:
+    found = sorted((p for p in output.glob("checkpoint-*") if p.suffix != ".tmp"),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _save(accelerator, output: Path, step: int, limit: int) -> None:
+    final = output / f"checkpoint-{step}"
+    tmp = output / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        kept = sorted((p for p in output.glob("checkpoint-*") if p.suffix != ".tmp"),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in kept[:-limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def build_run(config: DistillConfig, pipe, captions: list[str], device) -> tuple[Run, dict, object]:
+    """(run context, trainable role modules, fake role) for ``config`` on the teacher ``pipe``."""
+    check_teacher(pipe, config)
+    method = methods.get(config.method)
+    teacher = Teacher(pipe.transformer, pipe.scheduler, guidance_scale=config.guidance)
+    bank = ConditionBank.encode(pipe, captions, max_sequence_length=config.max_sequence_length)
+    cfg = pipe.transformer.config
+    latent = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    torch.manual_seed(config.seed)
+    generator = generator_from(teacher)
+    fake = FakeScore.lora_on(teacher, rank=config.lora_rank) if config.fake == "lora" else FakeScore.copy_of(teacher)
+    roles = {"generator": generator, "fake": fake.module}
+    roles = {k: v for k, v in roles.items() if k in method.ROLES}
+    run = Run(teacher, bank, config, latent, device)
+    if fake.lora:
+        run.extra["as_teacher"] = fake.as_teacher
+    return run, roles, fake
+
+
+def _trainable(module: torch.nn.Module, fake_role) -> list[torch.nn.Parameter]:
+    if fake_role is not None and fake_role.lora and module is fake_role.module:
+        return [p for n, p in module.named_parameters() if "lora_" in n]
+    return list(module.parameters())
+
+
+def train(config: DistillConfig, pipe, captions: list[str], progress: bool = True,
+          validate=None) -> Path | None:
+    """Train; returns the exported pipeline folder (or None when ``export`` is off)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    output = Path(config.output_dir)
+    try:
+        import tensorboard  # noqa: F401
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    # cpu=True lets torchrun/accelerate launch start gloo process groups on machines without a GPU
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
+                              cpu=not torch.cuda.is_available(),
+                              project_config=ProjectConfiguration(project_dir=str(output)))
+    method = methods.get(config.method)
+    run, roles, fake_role = build_run(config, pipe, captions, accelerator.device)
+    run.teacher.model.to(accelerator.device)
+    names = list(roles)
+    lrs = {"generator": config.lr_generator, "fake": config.lr_fake}
+    opts = {n: torch.optim.AdamW(_trainable(roles[n], fake_role), lr=lrs[n], betas=(0.9, 0.999), weight_decay=0.01)
+            for n in names}
+    scheds = {n: torch.optim.lr_scheduler.LambdaLR(opts[n], lambda s: min(1.0, (s + 1) / max(1, config.warmup)))
+              for n in names}
+    prepared = accelerator.prepare(*[roles[n] for n in names], *[opts[n] for n in names],
+                                   *[scheds[n] for n in names])
+    k = len(names)
+    run.modules = dict(zip(names, prepared[:k]))
+    opts = dict(zip(names, prepared[k:2 * k]))
+    scheds = dict(zip(names, prepared[2 * k:]))
+    run.plain = {n: accelerator.unwrap_model(m) for n, m in run.modules.items()}
+    ema = None
+    if config.ema_decay > 0:
+        ema = EMAModel(run.plain["generator"].parameters(), decay=config.ema_decay)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    start = 0
+    if config.resume:
+        src = _latest(output) if config.resume == "latest" else Path(config.resume)
+        if src is not None:
+            accelerator.load_state(str(src))
+            start = json.loads((src / "step.json").read_text())["step"]
+        elif config.resume != "latest":
+            raise FileNotFoundError(f"resume: no checkpoint at {config.resume}")
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    if log_with:
+        accelerator.init_trackers("distill")
+    log = open(output / "log.jsonl", "a") if accelerator.is_main_process else None  # noqa: SIM115
+    phases = method.phases(config)
+    skips = 0
+    bar = tqdm(total=config.steps, initial=start, desc=f"distill {config.method}",
+               disable=not (progress and accelerator.is_main_process))
+    t0, done = time.time(), 0
+    try:
+        for step in range(start, config.steps):
+            seed = (config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index * 7_919
+            logs: dict = {}
+            for p_i, phase in enumerate(phases):
+                if step % phase.every:
+                    continue
+                for n in names:
+                    active = n in phase.trains
+                    run.plain[n].train(active)
+                    for param in _trainable(run.plain[n], fake_role):
+                        param.requires_grad_(active)
+                with accelerator.autocast():
+                    loss, phase_logs = phase.loss(run, seed * 16 + p_i * 101)
+                finite = bool(torch.isfinite(loss.detach()).all())
+                # every rank must agree on skipping, or DDP's collectives would hang
+                finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device),
+                                                 reduction="mean") == 1.0)
+                if not finite:
+                    for n in phase.trains:
+                        opts[n].zero_grad(set_to_none=True)
+                    skips += 1
+                    logs[f"{phase.name}/nan_skip"] = 1
+                    if skips >= config.max_nan_skips:
+                        raise FloatingPointError(f"{skips} consecutive non-finite losses in phase {phase.name!r} "
+                                                 f"at step {step}; lower the learning rate or use bf16/fp32")
+                    continue
+                skips = 0
+                accelerator.backward(loss)
+                for n in phase.trains:
+                    params = _trainable(run.plain[n], fake_role)
+                    if config.max_grad_norm:
+                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    else:
+                        norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params if p.grad is not None))
+                    logs[f"{phase.name}/grad_norm_{n}"] = float(norm)
+                    opts[n].step()
+                    scheds[n].step()
+                for o in opts.values():          # gradients of one phase never leak into the next
+                    o.zero_grad(set_to_none=True)
+                if phase.updates_generator and ema is not None:
+                    ema.step(run.plain["generator"].parameters())
+                logs[f"{phase.name}/loss"] = float(loss.detach())
+                logs.update({f"{phase.name}/{key}": v for key, v in phase_logs.items()})
+            done += 1
+            bar.update()
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                logs["images_per_s"] = done * config.batch * accelerator.num_processes / (time.time() - t0)
+                if log is not None:
+                    log.write(json.dumps({"step": step + 1, **logs}) + "\n")
+                    log.flush()
+                if log_with:
+                    accelerator.log(logs, step=step + 1)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                _save(accelerator, output, step + 1, config.checkpoints_total_limit)
+                if validate is not None and accelerator.is_main_process:
+                    validate(run, step + 1)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    accelerator.wait_for_everyone()
+    # ranks must hold the same generator: record every rank's parameter checksum
+    sums = accelerator.gather(torch.tensor([parameter_checksum(run.plain["generator"])], dtype=torch.float64,
+                                           device=accelerator.device))
+    if accelerator.is_main_process:
+        (output / "rank_checksums.json").write_text(json.dumps(sums.cpu().tolist()))
+    if log_with:
+        accelerator.end_training()
+    if not config.export or not accelerator.is_main_process:
+        return None
+    from .export import export_one_step
+
+    generator = run.plain["generator"]
+    if ema is not None:
+        ema.store(generator.parameters())
+        ema.copy_to(generator.parameters())
+    try:
+        return export_one_step(pipe, generator, output / "pipeline", t_c=config.t_c)
+    finally:
+        if ema is not None:
+            ema.restore(generator.parameters())
+
+
+def parameter_checksum(module: torch.nn.Module) -> float:
+    """A scalar fingerprint of a module's parameters (for rank-sync checks)."""
+    return math.fsum(float(p.detach().double().sum()) for p in module.parameters())
