@@ -39,3 +39,33 @@ def export_one_step(teacher_pipe, generator: torch.nn.Module, out: str | os.Path
     out = Path(out)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def export_adapter(adapter: torch.nn.Module, out: str | os.PathLike, control: str) -> Path:
+    """Write a control adapter as ``adapter.safetensors`` + ``adapter_config.json``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()},
+              str(out / "adapter.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({**adapter.config, "control": control}, indent=2))
+    return out
+
+
+def load_adapter(path: str | os.PathLike):
+    """The :class:`~distill.adapter.ControlAdapter` written by :func:`export_adapter`, and its control name."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .adapter import ControlAdapter
+
+    path = Path(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    control = cfg.pop("control")
+    adapter = ControlAdapter(**cfg)
+    adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
+    return adapter.eval(), control

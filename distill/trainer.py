@@ -35,13 +35,13 @@ import torch
 from . import methods
 from .data import ConditionBank
 from .methods.base import Run
-from .roles import FakeScore, Teacher, generator_from
+from .roles import Teacher
 
 
 @dataclass
 class DistillConfig:
     """Args:
-        method: ``dmd`` or ``sid``.
+        method: ``dmd``, ``sid`` or ``nct`` (the teacher of ``nct`` is an exported one-step pipeline).
         output_dir: checkpoints, logs and the exported pipeline go here.
         steps / batch: optimisation steps and per-process batch size.
         lr_generator / lr_fake: AdamW learning rates (constant after ``warmup`` steps).
@@ -54,7 +54,10 @@ class DistillConfig:
         ema_decay: decay of the generator's EMA (0: no EMA).
         checkpoint_every / checkpoints_total_limit / resume: see the module docstring.
         max_nan_skips: consecutive non-finite steps tolerated before aborting.
-        export: write the one-step pipeline to ``output_dir/pipeline`` at the end.
+        export: write the one-step pipeline to ``output_dir/pipeline`` (NCT: the adapter to
+            ``output_dir/adapter``) at the end.
+        lr_adapter / control / nct_*: NCT's adapter learning rate, control extractor (``layout`` or
+            ``latent-sign``), level count N, constraint xi, dual step eta, initial lambda, distance.
     """
 
     method: str = "dmd"
@@ -70,6 +73,13 @@ class DistillConfig:
     fake: str = "copy"
     lora_rank: int = 16
     sid_alpha: float = 1.2
+    lr_adapter: float = 1e-4
+    control: str = "layout"
+    nct_levels: int = 20
+    nct_xi: float = 1e-3
+    nct_eta: float = 1e-2
+    nct_lambda: float = 0.0
+    nct_distance: str = "l2"
     mixed_precision: str = "no"
     max_grad_norm: float | None = 10.0
     ema_decay: float = 0.999
@@ -147,27 +157,21 @@ def _save(accelerator, output: Path, step: int, limit: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def build_run(config: DistillConfig, pipe, captions: list[str], device) -> tuple[Run, dict, object]:
-    """(run context, trainable role modules, fake role) for ``config`` on the teacher ``pipe``."""
+def build_run(config: DistillConfig, pipe, captions: list[str], device) -> tuple[Run, dict]:
+    """(run context, trainable role modules) for ``config`` on the teacher ``pipe``."""
     check_teacher(pipe, config)
     method = methods.get(config.method)
     teacher = Teacher(pipe.transformer, pipe.scheduler, guidance_scale=config.guidance)
     bank = ConditionBank.encode(pipe, captions, max_sequence_length=config.max_sequence_length)
     cfg = pipe.transformer.config
     latent = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    torch.manual_seed(config.seed)
-    generator = generator_from(teacher)
-    fake = FakeScore.lora_on(teacher, rank=config.lora_rank) if config.fake == "lora" else FakeScore.copy_of(teacher)
-    roles = {"generator": generator, "fake": fake.module}
-    roles = {k: v for k, v in roles.items() if k in method.ROLES}
     run = Run(teacher, bank, config, latent, device)
-    if fake.lora:
-        run.extra["as_teacher"] = fake.as_teacher
-    return run, roles, fake
+    roles = method.build(run, pipe, config)
+    return run, roles
 
 
-def _trainable(module: torch.nn.Module, fake_role) -> list[torch.nn.Parameter]:
-    if fake_role is not None and fake_role.lora and module is fake_role.module:
+def _trainable(run: Run, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    if module is run.extra.get("lora_module"):
         return [p for n, p in module.named_parameters() if "lora_" in n]
     return list(module.parameters())
 
@@ -191,11 +195,11 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                               cpu=not torch.cuda.is_available(),
                               project_config=ProjectConfiguration(project_dir=str(output)))
     method = methods.get(config.method)
-    run, roles, fake_role = build_run(config, pipe, captions, accelerator.device)
+    run, roles = build_run(config, pipe, captions, accelerator.device)
     run.teacher.model.to(accelerator.device)
     names = list(roles)
-    lrs = {"generator": config.lr_generator, "fake": config.lr_fake}
-    opts = {n: torch.optim.AdamW(_trainable(roles[n], fake_role), lr=lrs[n], betas=(0.9, 0.999), weight_decay=0.01)
+    lrs = {"generator": config.lr_generator, "fake": config.lr_fake, "adapter": config.lr_adapter}
+    opts = {n: torch.optim.AdamW(_trainable(run, roles[n]), lr=lrs[n], betas=(0.9, 0.999), weight_decay=0.01)
             for n in names}
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(opts[n], lambda s: min(1.0, (s + 1) / max(1, config.warmup)))
               for n in names}
@@ -206,11 +210,14 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
     opts = dict(zip(names, prepared[k:2 * k]))
     scheds = dict(zip(names, prepared[2 * k:]))
     run.plain = {n: accelerator.unwrap_model(m) for n, m in run.modules.items()}
+    ema_role = "generator" if "generator" in names else names[0]
     ema = None
     if config.ema_decay > 0:
-        ema = EMAModel(run.plain["generator"].parameters(), decay=config.ema_decay)
+        ema = EMAModel(run.plain[ema_role].parameters(), decay=config.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    for obj in run.extra.get("checkpoint", []):      # e.g. NCT's multiplier
+        accelerator.register_for_checkpointing(obj)
 
     start = 0
     if config.resume:
@@ -241,7 +248,7 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                 for n in names:
                     active = n in phase.trains
                     run.plain[n].train(active)
-                    for param in _trainable(run.plain[n], fake_role):
+                    for param in _trainable(run, run.plain[n]):
                         param.requires_grad_(active)
                 with accelerator.autocast():
                     loss, phase_logs = phase.loss(run, seed * 16 + p_i * 101)
@@ -261,7 +268,7 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                 skips = 0
                 accelerator.backward(loss)
                 for n in phase.trains:
-                    params = _trainable(run.plain[n], fake_role)
+                    params = _trainable(run, run.plain[n])
                     if config.max_grad_norm:
                         norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     else:
@@ -271,8 +278,10 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                     scheds[n].step()
                 for o in opts.values():          # gradients of one phase never leak into the next
                     o.zero_grad(set_to_none=True)
-                if phase.updates_generator and ema is not None:
-                    ema.step(run.plain["generator"].parameters())
+                if phase.after is not None:
+                    phase.after(run, logs)
+                if ema is not None and (phase.updates_generator or ema_role in phase.trains):
+                    ema.step(run.plain[ema_role].parameters())
                 logs[f"{phase.name}/loss"] = float(loss.detach())
                 logs.update({f"{phase.name}/{key}": v for key, v in phase_logs.items()})
             done += 1
@@ -294,7 +303,7 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
             log.close()
     accelerator.wait_for_everyone()
     # ranks must hold the same generator: record every rank's parameter checksum
-    sums = accelerator.gather(torch.tensor([parameter_checksum(run.plain["generator"])], dtype=torch.float64,
+    sums = accelerator.gather(torch.tensor([parameter_checksum(run.plain[ema_role])], dtype=torch.float64,
                                            device=accelerator.device))
     if accelerator.is_main_process:
         (output / "rank_checksums.json").write_text(json.dumps(sums.cpu().tolist()))
@@ -302,17 +311,19 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
         accelerator.end_training()
     if not config.export or not accelerator.is_main_process:
         return None
-    from .export import export_one_step
+    from .export import export_adapter, export_one_step
 
-    generator = run.plain["generator"]
+    trained = run.plain[ema_role]
     if ema is not None:
-        ema.store(generator.parameters())
-        ema.copy_to(generator.parameters())
+        ema.store(trained.parameters())
+        ema.copy_to(trained.parameters())
     try:
-        return export_one_step(pipe, generator, output / "pipeline", t_c=config.t_c)
+        if ema_role == "adapter":
+            return export_adapter(trained, output / "adapter", control=config.control)
+        return export_one_step(pipe, trained, output / "pipeline", t_c=config.t_c)
     finally:
         if ema is not None:
-            ema.restore(generator.parameters())
+            ema.restore(trained.parameters())
 
 
 def parameter_checksum(module: torch.nn.Module) -> float:

@@ -51,7 +51,7 @@ def test_export_reloads_and_samples_the_generator_in_one_step(tmp_path):
     call = dict(height=16, width=16, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
     latents = loaded("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent", **call).images
     # directly: G(z, c) = x0-prediction of the generator at t = 999 from the same noise
-    run, _, _ = build_run(_config(tmp_path / "x"), build_tiny("pixart"), ["a red circle"], torch.device("cpu"))
+    run, _ = build_run(_config(tmp_path / "x"), build_tiny("pixart"), ["a red circle"], torch.device("cpu"))
     z = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     emb, mask, _, _ = loaded.encode_prompt("a red circle", do_classifier_free_guidance=False, max_sequence_length=16,
                                            clean_caption=False)
@@ -117,3 +117,22 @@ def test_bad_configs_fail_before_training(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"steps": 3, "learning_rate": 1}))
     with pytest.raises(ValueError, match="unknown field.*learning_rate"):
         DistillConfig.load(tmp_path / "c.json")
+
+
+def test_nct_adapter_starts_at_the_frozen_generator_and_trains(tmp_path):
+    from distill.export import load_adapter
+
+    pipe = build_tiny("pixart")              # stands in for an exported one-step generator
+    frozen = _state(pipe.transformer)
+    out = train(_config(tmp_path, method="nct", control="latent-sign", nct_lambda=0.5, steps=2, ema_decay=0.0,
+                        lr_adapter=1e-2), pipe, CAPTIONS, progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logs[0]["adapter/nct_bound"] == 0.0            # zero-initialised projection: f_phi == f at step 1
+    assert logs[0]["adapter/lambda"] == 0.5 and logs[1]["adapter/lambda"] == pytest.approx(0.5 - 1e-2 * 1e-3)
+    assert logs[1]["adapter/nct_bound"] > 0               # the adapter moved
+    assert all(torch.equal(v, frozen[k]) for k, v in _state(pipe.transformer).items())
+    adapter, control = load_adapter(out)
+    assert control == "latent-sign" and adapter.proj.weight.abs().sum() > 0
+    assert not list(dict(pipe.transformer.pos_embed._forward_hooks).values())   # hook gone after training
+    lam = torch.load(tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert lam["value"] == pytest.approx(logs[1]["adapter/lambda"] + 1e-2 * (logs[1]["adapter/nct_bound"] - 1e-3))

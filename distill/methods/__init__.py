@@ -1,8 +1,8 @@
 """Distillation methods: each module declares ``ROLES`` (trainable roles) and ``phases(config)``."""
 
-from . import dmd, sid
+from . import dmd, nct, sid
 
-METHODS = {"dmd": dmd, "sid": sid}
+METHODS = {"dmd": dmd, "sid": sid, "nct": nct}
 
 
 def get(name: str):

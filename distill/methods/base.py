@@ -25,6 +25,7 @@ class Phase:
     loss: Callable[[Run, int], tuple[torch.Tensor, dict]]
     every: int = 1
     updates_generator: bool = False          # the EMA steps after this phase
+    after: Callable[[Run, dict], None] | None = None   # e.g. NCT's dual update, after the optimizer step
 
 
 @dataclass
@@ -80,6 +81,21 @@ class Run:
                 return cond
             base = self.teacher.raw_x0(self.teacher.model, x_t, t, uncond, umask)
             return base + w * (cond - base)
+
+
+def student_and_fake(run: Run, config) -> dict:
+    """Generator initialised from the teacher, fake score as a full copy or a LoRA on the teacher."""
+    from ..roles import FakeScore, generator_from
+
+    torch.manual_seed(config.seed)
+    generator = generator_from(run.teacher)
+    if config.fake == "lora":
+        fake = FakeScore.lora_on(run.teacher, rank=config.lora_rank)
+        run.extra["as_teacher"] = fake.as_teacher
+        run.extra["lora_module"] = fake.module
+    else:
+        fake = FakeScore.copy_of(run.teacher)
+    return {"generator": generator, "fake": fake.module}
 
 
 def parameterisation_weight(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

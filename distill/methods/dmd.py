@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import dmd_loss, fake_score_loss
-from .base import Phase, Run, parameterisation_weight
+from .base import Phase, Run, parameterisation_weight, student_and_fake
 
 T = 1000
 
@@ -42,3 +42,7 @@ def phases(config) -> list[Phase]:
 
 
 ROLES = ("generator", "fake")
+
+
+def build(run: Run, pipe, config) -> dict:
+    return student_and_fake(run, config)

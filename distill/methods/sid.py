@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import sid_loss
-from .base import Phase, Run
+from .base import Phase, Run, student_and_fake
 from .dmd import fake_phase_loss
 
 T_MAX = 800
@@ -29,3 +29,7 @@ def phases(config) -> list[Phase]:
 
 
 ROLES = ("generator", "fake")
+
+
+def build(run: Run, pipe, config) -> dict:
+    return student_and_fake(run, config)
