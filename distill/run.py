@@ -51,7 +51,10 @@ def default_captions(teacher: str, n: int) -> list[str]:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     from .trainer import DistillConfig
 
-    ap.add_argument("method", help="dmd or sid")
+    ap.add_argument("method", help="dmd, sid, nct or msd")
+    ap.add_argument("--students", type=int, default=4, help="msd: number of students")
+    ap.add_argument("--keywords", help="msd: comma-separated routing keywords (default for shapes models: "
+                    "colour + shape of the first object)")
     ap.add_argument("--config", help="JSON file of DistillConfig fields (flags override it)")
     ap.add_argument("--teacher", default="shapes-t2i")
     ap.add_argument("--captions", help="text file of training captions (one per line)")
@@ -73,16 +76,30 @@ def run(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(DistillConfig)} - {"method"}
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    method = "dmd" if args.method == "msd" else args.method       # MSD = one DMD run per student
     if args.config:
-        config = DistillConfig.load(args.config, method=args.method, **overrides)
+        config = DistillConfig.load(args.config, method=method, **overrides)
     else:
-        config = DistillConfig(method=args.method, **overrides)
+        config = DistillConfig(method=method, **overrides)
     if args.captions:
         captions = [line.strip() for line in Path(args.captions).read_text().splitlines() if line.strip()]
     else:
         captions = default_captions(args.teacher, args.num_captions)
     pipe = load_teacher(args.teacher)
-    out = train(config, pipe, captions, progress=not args.quiet)
+    if args.method == "msd":
+        from pipelines.zoo import REFERENCES
+
+        from .msd import shapes_keywords, train_students
+
+        if args.keywords:
+            keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
+        elif args.teacher in REFERENCES:
+            keywords = shapes_keywords()
+        else:
+            raise SystemExit("msd: pass --keywords for a teacher that is not a shapes reference model")
+        out = train_students(config, pipe, captions, args.students, keywords, progress=not args.quiet)
+    else:
+        out = train(config, pipe, captions, progress=not args.quiet)
     if out is not None:
         print(json.dumps({"pipeline": str(out)}))
     return 0

@@ -136,3 +136,31 @@ def test_nct_adapter_starts_at_the_frozen_generator_and_trains(tmp_path):
     assert not list(dict(pipe.transformer.pos_embed._forward_hooks).values())   # hook gone after training
     lam = torch.load(tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
     assert lam["value"] == pytest.approx(logs[1]["adapter/lambda"] + 1e-2 * (logs[1]["adapter/nct_bound"] - 1e-3))
+
+
+def test_msd_students_own_their_captions_and_the_pipeline_routes(tmp_path):
+    from distill.msd import train_students
+    from pipelines.one_step import MultiStudentPipeline, OneStepPixArtPipeline
+    from pipelines.routing import Router
+
+    captions = ["a red circle", "a blue square", "a small green triangle", "a large red star",
+                "two circles", "a square and a star"]
+    out = train_students(_config(tmp_path, steps=1, ema_decay=0.0), build_tiny("pixart"), captions, 2,
+                         ["circle", "square", "triangle", "star"], progress=False)
+    router = Router.load(out / "router.json")
+    routes = [router.route(c) for c in captions]
+    assert sorted(routes) == [0, 0, 0, 1, 1, 1] and routes == [router.route(c) for c in captions]
+    multi = MultiStudentPipeline.from_pretrained(out)
+    multi.set_progress_bar_config(disable=True)
+    call = dict(height=16, width=16, use_resolution_binning=False, max_sequence_length=16, clean_caption=False,
+                output_type="pt")
+    prompts = ["a blue square", "a red circle", "a small green triangle"]
+    images = multi(prompts, generator=[torch.Generator().manual_seed(i) for i in range(3)], **call).images
+    for i, p in enumerate(prompts):
+        single = OneStepPixArtPipeline.from_pretrained(tmp_path / f"student-{router.route(p)}" / "pipeline")
+        single.set_progress_bar_config(disable=True)
+        want = single(p, generator=torch.Generator().manual_seed(i), **call).images[0]
+        assert torch.allclose(images[i], want, atol=1e-6)
+    a = OneStepPixArtPipeline.from_pretrained(tmp_path / "student-0" / "pipeline").transformer
+    b = OneStepPixArtPipeline.from_pretrained(tmp_path / "student-1" / "pipeline").transformer
+    assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
