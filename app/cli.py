@@ -1,5 +1,6 @@
 """The ``accel`` command.
 
+    $ accel app                 # the Gradio app on 127.0.0.1:7860 (reference models by default)
     $ accel bench tiny          # tiny PixArt: StaticCache vs diffusers' caches, table + JSON
     $ accel bench overhead      # hook overhead on a 12-block PixArt
     $ accel bench shapes-t2i    # the trained reference model: fidelity, evaluator accuracy, Fréchet
@@ -307,6 +308,13 @@ def _erta_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    from app.gradio_app import launch
+
+    launch(args.host, args.port, preload_default=not args.no_preload)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Diffusion acceleration suite")
     parser.add_argument("--version", action="version", version="accel-suite 0.1.0")
@@ -406,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_sparse.add_parser(sub)
     from distill import run as distill_run
+
+    app = sub.add_parser("app", help="the Gradio app: baseline vs accelerated side by side")
+    app.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--no-preload", action="store_true", help="do not load the default model at start")
+    app.set_defaults(func=_app)
 
     dist = sub.add_parser("distill", help="one-step distillation of a teacher pipeline (dmd, sid); accelerate")
     distill_run.add_arguments(dist)

@@ -1,0 +1,120 @@
+"""The Gradio app: the engine's errors, every tab through gradio_client, and a headless-Chromium click."""
+
+import shutil
+import socket
+
+import pytest
+
+from app.runner import AppError, Runner
+
+PROMPT = "a large red circle at the left"
+
+
+def test_runner_errors_are_messages_and_leave_models_clean():
+    runner = Runner()
+    with pytest.raises(AppError, match="steps must be between 1 and 50"):
+        runner.run_image("tiny", PROMPT, steps=500, method="StaticCache")
+    with pytest.raises(AppError, match="cannot load image model 'nobody/no-such-model'"):
+        runner.run_image("nobody/no-such-model", PROMPT, steps=4, method="StaticCache")
+    with pytest.raises(AppError, match="no shipped ECADConfig for 'tiny'"):
+        runner.run_image("tiny", PROMPT, steps=4, method="ECAD")
+    with pytest.raises(AppError, match="sparse attention supports Wan"):
+        runner.run_image("tiny", PROMPT, steps=4, method="Sparse attention")
+    with pytest.raises(AppError, match="enter a prompt"):
+        runner.run_image("tiny", "  ", steps=4, method="StaticCache")
+    with pytest.raises(AppError, match="multiple of the block length"):
+        runner.run_text("tiny-dlm", "copy:abc|", gen_length=48)
+    pipe = runner.models[("image", "tiny")]
+    import accel
+
+    assert accel.applied(pipe) == []
+    out = runner.run_image("tiny", PROMPT, steps=4, method="StaticCache", setting="interval 2")
+    assert out["baseline"].size == out["accelerated"].size and out["metrics"]["PSNR (dB)"] > 0
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from app.gradio_app import build_demo
+    from distill.trainer import DistillConfig, train
+    from pipelines.tiny import build_tiny
+
+    student_dir = tmp_path_factory.mktemp("student")
+    student = train(DistillConfig(output_dir=str(student_dir), steps=1, batch=2, ttur=1, checkpoint_every=1,
+                                  max_sequence_length=16, ema_decay=0.0), build_tiny("pixart"),
+                    ["a red circle", "a blue square"], progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_demo(Runner())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/", str(student)
+    demo.close()
+
+
+def _rows(table) -> dict:
+    return {r[0]: r[1] for r in table["data"]}
+
+
+def test_every_tab_returns_both_outputs_and_metrics(app_url):
+    from gradio_client import Client
+
+    url, student = app_url
+    client = Client(url, verbose=False)
+    pair, table, plot, status = client.predict("shapes-t2i", PROMPT, 0, 4, "StaticCache", "interval 2",
+                                               api_name="/run_image")
+    assert len(pair) == 2 and all(p for p in pair) and "done" in status
+    rows = _rows(table)
+    assert rows["speedup"] > 0 and "adherence accelerated" in rows
+    base, fast, table, status = client.predict("tiny-wan", "a red circle moving left", 0, 4, 9,
+                                               "StaticCache + Sparse attention", "", api_name="/run_video")
+    assert base and fast and _rows(table)["PSNR (dB)"] > 0, status
+    base, fast, table, status = client.predict("tiny-dlm", "copy:abcdefgh|", "dKV-Cache decode + parallel",
+                                               "refresh 8", 64, api_name="/run_text")
+    assert isinstance(base, str) and isinstance(fast, str) and _rows(table)["accelerated tokens/s"] > 0, status
+    pair, table, status = client.predict("tiny", student, PROMPT, 0, 4, api_name="/run_one_step")
+    assert len(pair) == 2 and _rows(table)["denoiser calls"] == "4 vs 1", status
+
+
+def test_bad_inputs_show_messages_and_the_app_keeps_serving(app_url):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError as ClientError
+
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    with pytest.raises(ClientError, match="greater than maximum"):
+        client.predict("shapes-t2i", PROMPT, 0, 500, "StaticCache", "interval 2", api_name="/run_image")
+    pair, _, _, status = client.predict("offline/unknown-model", PROMPT, 0, 4, "StaticCache", "", api_name="/run_image")
+    assert pair is None and "cannot load image model 'offline/unknown-model'" in status
+    _, _, _, status = client.predict("shapes-t2v-missing", "x", 0, 4, 9, "StaticCache", "", api_name="/run_video")
+    assert status.startswith("**Error:**")
+    _, _, _, status = client.predict("tiny", PROMPT, 0, 4, "ECAD", "", api_name="/run_image")
+    assert "no shipped ECADConfig for 'tiny'" in status               # a method this model has no schedule for
+    _, _, _, status = client.predict("shapes-t2v", "x", 0, 4, 9, "Sparse attention", "diag r=1",
+                                     api_name="/run_video")
+    assert status.startswith("**Error:**")
+    with pytest.raises(ClientError, match="not in the list of choices"):
+        client.predict("tiny", PROMPT, 0, 4, "Sparse attention", "", api_name="/run_image")
+    pair, table, _, status = client.predict("tiny", PROMPT, 0, 4, "StaticCache", "interval 2", api_name="/run_image")
+    assert len(pair) == 2 and "done" in status
+
+
+@pytest.mark.ui
+def test_chromium_clicks_run_and_sees_two_images_and_the_plot(app_url, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (`apt-get install chromium`)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    url, _ = app_url
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(url)
+        page.locator("#run-image").click()
+        page.wait_for_function("document.querySelectorAll('#pair-image img').length >= 2", timeout=180_000)
+        page.wait_for_function("document.querySelector('#status-image').innerText.includes('done')", timeout=60_000)
+        images = page.locator("#pair-image img")
+        assert images.count() >= 2
+        assert page.locator("#plot-image canvas, #plot-image svg").count() >= 1
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000
