@@ -60,6 +60,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--captions", help="text file of training captions (one per line)")
     ap.add_argument("--num-captions", type=int, default=4096)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--validate-prompts", type=int, default=8,
+                    help="held-out prompts sampled in one step and scored at every checkpoint (0: off)")
     skip = {"method"}
     for f in dataclasses.fields(DistillConfig):
         if f.name in skip:
@@ -99,7 +101,21 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("msd: pass --keywords for a teacher that is not a shapes reference model")
         out = train_students(config, pipe, captions, args.students, keywords, progress=not args.quiet)
     else:
-        out = train(config, pipe, captions, progress=not args.quiet)
+        validate = None
+        if args.validate_prompts and args.method in ("dmd", "sid"):
+            from pipelines.zoo import REFERENCES
+
+            from .validate import Validator
+
+            if args.teacher in REFERENCES:
+                from pipelines.zoo.scoring import heldout_prompts
+
+                validate = Validator(pipe, heldout_prompts(args.teacher, args.validate_prompts), config.output_dir)
+            elif args.teacher == "tiny":
+                validate = Validator(pipe, default_captions("tiny", 4)[: args.validate_prompts], config.output_dir,
+                                     score=False, call=dict(height=16, width=16, use_resolution_binning=False,
+                                                            max_sequence_length=16, clean_caption=False))
+        out = train(config, pipe, captions, progress=not args.quiet, validate=validate)
     if out is not None:
         print(json.dumps({"pipeline": str(out)}))
     return 0

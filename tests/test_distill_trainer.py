@@ -95,6 +95,9 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
         y = torch.load(b / name, weights_only=False)
         assert repr(x) == repr(y), name                      # optimizer, scheduler and EMA state
     assert not list(split.glob("*.tmp")) and len(list(split.glob("checkpoint-*"))) == 2   # total limit 2
+    # validation samples in one step at every checkpoint (grid image + record)
+    assert [json.loads(x)["step"] for x in (straight / "validation.jsonl").read_text().splitlines()] == [2, 4]
+    assert (straight / "validation-000004.png").stat().st_size > 0
 
 
 def test_two_processes_stay_in_sync(tmp_path):
