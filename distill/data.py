@@ -25,10 +25,12 @@ class ConditionBank:
     embeds: torch.Tensor          # [N, L, C]
     masks: torch.Tensor           # [N, L]
     uncond: tuple[torch.Tensor, torch.Tensor]   # ([1, L, C], [1, L]) embedding of ""
+    latents: torch.Tensor | None = None         # [N, C, H, W] real samples paired with the captions (GAN)
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, pipe, captions: list[str], max_sequence_length: int = 40, batch: int = 64) -> ConditionBank:
+    def encode(cls, pipe, captions: list[str], max_sequence_length: int = 40, batch: int = 64,
+               latents: torch.Tensor | None = None) -> ConditionBank:
         if not captions:
             raise ValueError("the condition bank needs at least one caption")
         embeds, masks = [], []
@@ -40,7 +42,9 @@ class ConditionBank:
             masks.append(m)
         u, um, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
                                          clean_caption=False, device=torch.device("cpu"))
-        return cls(list(captions), torch.cat(embeds), torch.cat(masks), (u.float(), um))
+        if latents is not None and len(latents) != len(captions):
+            raise ValueError(f"{len(latents)} real latents for {len(captions)} captions")
+        return cls(list(captions), torch.cat(embeds), torch.cat(masks), (u.float(), um), latents)
 
     def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
@@ -49,4 +53,12 @@ class ConditionBank:
 
     def subset(self, keep: list[int]) -> ConditionBank:
         keep_t = torch.tensor(keep, dtype=torch.long)
-        return ConditionBank([self.captions[i] for i in keep], self.embeds[keep_t], self.masks[keep_t], self.uncond)
+        latents = self.latents[keep_t] if self.latents is not None else None
+        return ConditionBank([self.captions[i] for i in keep], self.embeds[keep_t], self.masks[keep_t], self.uncond,
+                             latents)
+
+    def sample_real(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, embeddings, masks) of ``n`` real samples and their own captions."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self.captions), (n,), generator=g)
+        return self.latents[idx], self.embeds[idx], self.masks[idx]

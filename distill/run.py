@@ -48,6 +48,28 @@ def default_captions(teacher: str, n: int) -> list[str]:
     return default_prompts()
 
 
+def shapes_real_latents(pipe, teacher: str, n: int):
+    """(captions, latents) of ``n`` rendered training scenes, encoded by the teacher's VAE."""
+    import numpy as np
+    import torch
+
+    from pipelines.zoo import REFERENCES
+
+    if teacher not in REFERENCES or teacher.endswith("t2v"):
+        raise SystemExit("--real-latents renders scenes of the shapes-t2i data generator: use --teacher shapes-t2i")
+    from pipelines.zoo.shapes import caption, render_image, sample_scenes
+
+    scenes = sample_scenes("train", n)
+    latents = []
+    vae = pipe.vae
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            imgs = np.stack([render_image(s) for s in scenes[i:i + 16]]).astype(np.float32) / 127.5 - 1
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+            latents.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    return [caption(s) for s in scenes], torch.cat(latents)
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     from .trainer import DistillConfig
 
@@ -60,6 +82,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--captions", help="text file of training captions (one per line)")
     ap.add_argument("--num-captions", type=int, default=4096)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--real-latents", type=int, default=0,
+                    help="GAN head: render and encode N training scenes of a shapes teacher as real samples")
     ap.add_argument("--validate-prompts", type=int, default=8,
                     help="held-out prompts sampled in one step and scored at every checkpoint (0: off)")
     skip = {"method"}
@@ -115,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
                 validate = Validator(pipe, default_captions("tiny", 4)[: args.validate_prompts], config.output_dir,
                                      score=False, call=dict(height=16, width=16, use_resolution_binning=False,
                                                             max_sequence_length=16, clean_caption=False))
-        out = train(config, pipe, captions, progress=not args.quiet, validate=validate)
+        real = None
+        if args.real_latents:
+            captions, real = shapes_real_latents(pipe, args.teacher, args.real_latents)
+        out = train(config, pipe, captions, progress=not args.quiet, validate=validate, real_latents=real)
     if out is not None:
         print(json.dumps({"pipeline": str(out)}))
     return 0

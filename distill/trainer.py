@@ -56,6 +56,8 @@ class DistillConfig:
         max_nan_skips: consecutive non-finite steps tolerated before aborting.
         export: write the one-step pipeline to ``output_dir/pipeline`` (NCT: the adapter to
             ``output_dir/adapter``) at the end.
+        gan_weight_g / gan_weight_d: DMD2's diffusion-GAN terms (0: no head); need ``real_latents``
+            paired with ``captions`` in :func:`train`.
         lr_adapter / control / nct_*: NCT's adapter learning rate, control extractor (``layout`` or
             ``latent-sign``), level count N, constraint xi, dual step eta, initial lambda, distance.
     """
@@ -73,6 +75,8 @@ class DistillConfig:
     fake: str = "copy"
     lora_rank: int = 16
     sid_alpha: float = 1.2
+    gan_weight_g: float = 0.0
+    gan_weight_d: float = 0.0
     lr_adapter: float = 1e-4
     control: str = "layout"
     nct_levels: int = 20
@@ -157,12 +161,14 @@ def _save(accelerator, output: Path, step: int, limit: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def build_run(config: DistillConfig, pipe, captions: list[str], device) -> tuple[Run, dict]:
+def build_run(config: DistillConfig, pipe, captions: list[str], device,
+              real_latents: torch.Tensor | None = None) -> tuple[Run, dict]:
     """(run context, trainable role modules) for ``config`` on the teacher ``pipe``."""
     check_teacher(pipe, config)
     method = methods.get(config.method)
     teacher = Teacher(pipe.transformer, pipe.scheduler, guidance_scale=config.guidance)
-    bank = ConditionBank.encode(pipe, captions, max_sequence_length=config.max_sequence_length)
+    bank = ConditionBank.encode(pipe, captions, max_sequence_length=config.max_sequence_length,
+                                latents=real_latents)
     cfg = pipe.transformer.config
     latent = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     run = Run(teacher, bank, config, latent, device)
@@ -177,7 +183,7 @@ def _trainable(run: Run, module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def train(config: DistillConfig, pipe, captions: list[str], progress: bool = True,
-          validate=None) -> Path | None:
+          validate=None, real_latents: torch.Tensor | None = None) -> Path | None:
     """Train; returns the exported pipeline folder (or None when ``export`` is off)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -195,10 +201,11 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                               cpu=not torch.cuda.is_available(),
                               project_config=ProjectConfiguration(project_dir=str(output)))
     method = methods.get(config.method)
-    run, roles = build_run(config, pipe, captions, accelerator.device)
+    run, roles = build_run(config, pipe, captions, accelerator.device, real_latents)
     run.teacher.model.to(accelerator.device)
     names = list(roles)
-    lrs = {"generator": config.lr_generator, "fake": config.lr_fake, "adapter": config.lr_adapter}
+    lrs = {"generator": config.lr_generator, "fake": config.lr_fake, "adapter": config.lr_adapter,
+           "head": config.lr_fake}
     opts = {n: torch.optim.AdamW(_trainable(run, roles[n]), lr=lrs[n], betas=(0.9, 0.999), weight_decay=0.01)
             for n in names}
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(opts[n], lambda s: min(1.0, (s + 1) / max(1, config.warmup)))

@@ -167,3 +167,16 @@ def test_msd_students_own_their_captions_and_the_pipeline_routes(tmp_path):
     a = OneStepPixArtPipeline.from_pretrained(tmp_path / "student-0" / "pipeline").transformer
     b = OneStepPixArtPipeline.from_pretrained(tmp_path / "student-1" / "pipeline").transformer
     assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_dmd_with_gan_head_trains_head_and_logs_both_terms(tmp_path):
+    pipe = build_tiny("pixart")
+    real = torch.randn(len(CAPTIONS), 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="GAN head needs real samples"):
+        train(_config(tmp_path / "a", gan_weight_g=0.1, gan_weight_d=0.1), pipe, CAPTIONS, progress=False)
+    train(_config(tmp_path / "b", gan_weight_g=0.1, gan_weight_d=0.1, steps=2, export=False), pipe, CAPTIONS,
+          progress=False, real_latents=real)
+    logs = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert {"fake/gan_d", "fake/p_real", "generator/gan_g", "fake/grad_norm_head"} <= set(logs[-1])
+    head = [p for p in (tmp_path / "b" / "checkpoint-2").glob("model_2.safetensors")]
+    assert head and any(k.startswith("net.") for k in load_file(str(head[0])))

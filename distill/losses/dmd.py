@@ -45,8 +45,8 @@ def gan_critic_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> tup
     detached generator samples)."""
     fake, real = logits_fake.float(), logits_real.float()
     loss = F.softplus(fake).mean() + F.softplus(-real).mean()
-    return loss, {"gan_d": float(loss.detach()), "p_real": float(torch.sigmoid(real).mean()),
-                  "p_fake": float(torch.sigmoid(fake).mean())}
+    return loss, {"gan_d": float(loss.detach()), "p_real": float(torch.sigmoid(real.detach()).mean()),
+                  "p_fake": float(torch.sigmoid(fake.detach()).mean())}
 
 
 def teacher_score_matching_loss(student_x0: torch.Tensor, teacher_x0: torch.Tensor,

@@ -50,6 +50,10 @@ class Run:
         emb, mask, _ = self.bank.sample(self.config.batch, seed)
         return emb.to(self.device), mask.to(self.device)
 
+    def real_latents(self, seed: int):
+        lat, emb, mask = self.bank.sample_real(self.config.batch, seed)
+        return lat.to(self.device), emb.to(self.device), mask.to(self.device)
+
     def noise(self, seed: int) -> torch.Tensor:
         return torch.randn((self.config.batch, *self.latent_shape), generator=self.gen(seed)).to(self.device)
 
