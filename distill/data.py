@@ -26,6 +26,7 @@ class ConditionBank:
     masks: torch.Tensor           # [N, L]
     uncond: tuple[torch.Tensor, torch.Tensor]   # ([1, L, C], [1, L]) embedding of ""
     latents: torch.Tensor | None = None         # [N, C, H, W] real samples paired with the captions (GAN)
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # (z, y, caption index): teacher ODE
 
     @classmethod
     @torch.no_grad()
@@ -62,3 +63,24 @@ class ConditionBank:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(self.captions), (n,), generator=g)
         return self.latents[idx], self.embeds[idx], self.masks[idx]
+
+
+@torch.no_grad()
+def teacher_pairs(pipe, bank: ConditionBank, n: int, steps: int = 20, guidance: float = 3.0, seed: int = 0,
+                  progress: bool = True, call: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, y, caption index): noise and the teacher's deterministic sample from it (DDIM, eta = 0), the
+    regression targets of spec 2.4. ``y`` is a scaled latent, like the generator's output."""
+    from tqdm.auto import tqdm
+
+    cfg = pipe.transformer.config
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(bank.captions), (n,), generator=g)
+    z = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    ys = []
+    vae_scale = getattr(pipe, "vae_scale_factor", 8)
+    size = cfg.sample_size * vae_scale
+    extra = {"height": size, "width": size, "use_resolution_binning": False, **(call or {})}
+    for i in tqdm(range(n), desc="teacher pairs", disable=not progress):
+        ys.append(pipe(bank.captions[int(idx[i])], latents=z[i:i + 1], num_inference_steps=steps,
+                       guidance_scale=guidance, output_type="latent", **extra).images)
+    return z, torch.cat(ys).float(), idx

@@ -82,6 +82,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--captions", help="text file of training captions (one per line)")
     ap.add_argument("--num-captions", type=int, default=4096)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="regression: make N (noise, teacher sample) pairs with the teacher's sampler first")
     ap.add_argument("--real-latents", type=int, default=0,
                     help="GAN head: render and encode N training scenes of a shapes teacher as real samples")
     ap.add_argument("--validate-prompts", type=int, default=8,
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         out = train_students(config, pipe, captions, args.students, keywords, progress=not args.quiet)
     else:
         validate = None
-        if args.validate_prompts and args.method in ("dmd", "sid"):
+        if args.validate_prompts and args.method in ("dmd", "sid", "regression"):
             from pipelines.zoo import REFERENCES
 
             from .validate import Validator
@@ -142,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         real = None
         if args.real_latents:
             captions, real = shapes_real_latents(pipe, args.teacher, args.real_latents)
-        out = train(config, pipe, captions, progress=not args.quiet, validate=validate, real_latents=real)
+        out = train(config, pipe, captions, progress=not args.quiet, validate=validate, real_latents=real,
+                    pairs=args.pairs)
     if out is not None:
         print(json.dumps({"pipeline": str(out)}))
     return 0

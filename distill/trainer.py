@@ -41,7 +41,10 @@ from .roles import Teacher
 @dataclass
 class DistillConfig:
     """Args:
-        method: ``dmd``, ``sid`` or ``nct`` (the teacher of ``nct`` is an exported one-step pipeline).
+        method: ``dmd``, ``sid``, ``regression`` or ``nct`` (the teacher of ``nct`` is an exported
+            one-step pipeline).
+        regression_weight / huber_c / pair_steps: DMD's auxiliary regression on teacher pairs
+            (``pairs`` in :func:`train`), pseudo-Huber constant, teacher sampler steps.
         output_dir: checkpoints, logs and the exported pipeline go here.
         steps / batch: optimisation steps and per-process batch size.
         lr_generator / lr_fake: AdamW learning rates (constant after ``warmup`` steps).
@@ -76,6 +79,9 @@ class DistillConfig:
     lora_rank: int = 16
     sid_alpha: float = 1.2
     gan_weight_g: float = 0.0
+    regression_weight: float = 0.0
+    huber_c: float = 0.03
+    pair_steps: int = 20
     gan_weight_d: float = 0.0
     lr_adapter: float = 1e-4
     control: str = "layout"
@@ -162,13 +168,19 @@ def _save(accelerator, output: Path, step: int, limit: int) -> None:
 
 
 def build_run(config: DistillConfig, pipe, captions: list[str], device,
-              real_latents: torch.Tensor | None = None) -> tuple[Run, dict]:
+              real_latents: torch.Tensor | None = None, pairs: int = 0, progress: bool = False) -> tuple[Run, dict]:
     """(run context, trainable role modules) for ``config`` on the teacher ``pipe``."""
     check_teacher(pipe, config)
     method = methods.get(config.method)
     teacher = Teacher(pipe.transformer, pipe.scheduler, guidance_scale=config.guidance)
     bank = ConditionBank.encode(pipe, captions, max_sequence_length=config.max_sequence_length,
                                 latents=real_latents)
+    if pairs:
+        from .data import teacher_pairs
+
+        bank.pairs = teacher_pairs(pipe, bank, pairs, steps=config.pair_steps, guidance=config.guidance,
+                                   seed=config.seed, progress=progress,
+                                   call={"max_sequence_length": config.max_sequence_length, "clean_caption": False})
     cfg = pipe.transformer.config
     latent = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     run = Run(teacher, bank, config, latent, device)
@@ -183,7 +195,7 @@ def _trainable(run: Run, module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def train(config: DistillConfig, pipe, captions: list[str], progress: bool = True,
-          validate=None, real_latents: torch.Tensor | None = None) -> Path | None:
+          validate=None, real_latents: torch.Tensor | None = None, pairs: int = 0) -> Path | None:
     """Train; returns the exported pipeline folder (or None when ``export`` is off)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -201,7 +213,8 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                               cpu=not torch.cuda.is_available(),
                               project_config=ProjectConfiguration(project_dir=str(output)))
     method = methods.get(config.method)
-    run, roles = build_run(config, pipe, captions, accelerator.device, real_latents)
+    run, roles = build_run(config, pipe, captions, accelerator.device, real_latents, pairs,
+                           progress and accelerator.is_main_process)
     run.teacher.model.to(accelerator.device)
     names = list(roles)
     lrs = {"generator": config.lr_generator, "fake": config.lr_fake, "adapter": config.lr_adapter,

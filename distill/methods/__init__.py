@@ -1,8 +1,8 @@
 """Distillation methods: each module declares ``ROLES`` (trainable roles) and ``phases(config)``."""
 
-from . import dmd, nct, sid
+from . import dmd, nct, regression, sid
 
-METHODS = {"dmd": dmd, "sid": sid, "nct": nct}
+METHODS = {"dmd": dmd, "sid": sid, "nct": nct, "regression": regression}
 
 
 def get(name: str):

@@ -57,6 +57,12 @@ def generator_phase_loss(run: Run, seed: int) -> tuple[torch.Tensor, dict]:
         real = run.real_x0(x_t, t, emb, mask)
         fake = run.teacher.raw_x0(run.plain["fake"], x_t, t, emb, mask)
     loss, logs = dmd_loss(x, real, fake)
+    if run.config.regression_weight > 0:       # DMD(1)'s auxiliary regression term on teacher pairs
+        from .regression import pair_loss
+
+        r_loss, r_logs = pair_loss(run, seed + 15)
+        loss = loss + run.config.regression_weight * r_loss
+        logs.update(r_logs)
     if _gan(run.config):
         g_loss, g_logs = gan_generator_loss(_logits(run, x, emb, mask, seed + 14))
         loss = loss + run.config.gan_weight_g * g_loss
@@ -76,6 +82,8 @@ ROLES = ("generator", "fake", "head")
 
 def build(run: Run, pipe, config) -> dict:
     roles = student_and_fake(run, config)
+    if config.regression_weight > 0 and run.bank.pairs is None:
+        raise ValueError("regression_weight > 0 needs teacher pairs: pass --pairs N")
     if _gan(config):
         if run.bank.latents is None:
             raise ValueError("the GAN head needs real samples: give the condition bank latents (accel distill: "
