@@ -3,9 +3,10 @@ router assigns, trained by independent runs (one accelerate run per student), ex
 
     $ accel distill msd --students 4 --teacher shapes-t2i --output-dir runs/msd --steps 2000
 
-Students have the teacher's size and start from its weights (smaller students with a teacher-score-
-matching stage are not implemented yet). Each student's run is a plain DMD run on its share of the
-captions, in ``output_dir/student-k``; the multi-student pipeline goes to ``output_dir/pipeline``.
+Students have the teacher's size and start from its weights, or, with ``student_layers``, are
+smaller (evenly spaced teacher blocks) and first get teacher score matching (``tsm``). Each
+student's run is a plain DMD run on its share of the captions, in ``output_dir/student-k``; the
+multi-student pipeline goes to ``output_dir/pipeline``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def shapes_keywords() -> list[str]:
 
 
 def train_students(config: DistillConfig, pipe, captions: list[str], students: int, keywords: list[str],
-                   progress: bool = True) -> Path:
+                   progress: bool = True, real_latents=None, pairs: int = 0) -> Path:
+    """Train K students (``config.student_layers`` set: each first gets TSM, then DMD from it)."""
     if students < 2:
         raise ValueError(f"MSD needs at least 2 students, got {students}")
     router = Router.from_keywords(captions, keywords, students)
@@ -35,12 +37,19 @@ def train_students(config: DistillConfig, pipe, captions: list[str], students: i
     router.save(out / "router.json")
     exported = []
     for k in range(students):
-        mine = [c for c in captions if router.route(c) == k]
-        if not mine:
+        keep = [i for i, c in enumerate(captions) if router.route(c) == k]
+        if not keep:
             raise ValueError(f"student {k} got no captions; use fewer students or other keywords")
+        mine = [captions[i] for i in keep]
+        real = real_latents[keep] if real_latents is not None else None
+        init = config.init_generator
+        if config.student_layers:
+            tsm = dataclasses.replace(config, method="tsm", output_dir=str(out / f"student-{k}" / "tsm"),
+                                      export=True, seed=config.seed + k)
+            init = str(train(tsm, pipe, mine, progress=progress, real_latents=real, pairs=pairs))
         sub = dataclasses.replace(config, method="dmd", output_dir=str(out / f"student-{k}"), export=True,
-                                  seed=config.seed + k)
-        exported.append(train(sub, pipe, mine, progress=progress))
+                                  seed=config.seed + k, init_generator=init)
+        exported.append(train(sub, pipe, mine, progress=progress, real_latents=real, pairs=pairs))
     return export_students(out / "pipeline", router, exported)
 
 

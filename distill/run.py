@@ -73,7 +73,7 @@ def shapes_real_latents(pipe, teacher: str, n: int):
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     from .trainer import DistillConfig
 
-    ap.add_argument("method", help="dmd, sid, nct or msd")
+    ap.add_argument("method", help="dmd, sid, regression, tsm, nct or msd")
     ap.add_argument("--students", type=int, default=4, help="msd: number of students")
     ap.add_argument("--keywords", help="msd: comma-separated routing keywords (default for shapes models: "
                     "colour + shape of the first object)")
@@ -125,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
             keywords = shapes_keywords()
         else:
             raise SystemExit("msd: pass --keywords for a teacher that is not a shapes reference model")
-        out = train_students(config, pipe, captions, args.students, keywords, progress=not args.quiet)
+        real = None
+        if args.real_latents:
+            captions, real = shapes_real_latents(pipe, args.teacher, args.real_latents)
+        out = train_students(config, pipe, captions, args.students, keywords, progress=not args.quiet,
+                             real_latents=real, pairs=args.pairs)
     else:
         validate = None
         if args.validate_prompts and args.method in ("dmd", "sid", "regression"):

@@ -41,8 +41,10 @@ from .roles import Teacher
 @dataclass
 class DistillConfig:
     """Args:
-        method: ``dmd``, ``sid``, ``regression`` or ``nct`` (the teacher of ``nct`` is an exported
+        method: ``dmd``, ``sid``, ``regression``, ``tsm`` or ``nct`` (the teacher of ``nct`` is an exported
             one-step pipeline).
+        student_layers: ``tsm``'s smaller student depth; init_generator: a model folder the ``dmd``/
+            ``sid`` generator starts from (checked against the teacher) instead of the teacher's weights.
         regression_weight / huber_c / pair_steps: DMD's auxiliary regression on teacher pairs
             (``pairs`` in :func:`train`), pseudo-Huber constant, teacher sampler steps.
         output_dir: checkpoints, logs and the exported pipeline go here.
@@ -80,6 +82,8 @@ class DistillConfig:
     sid_alpha: float = 1.2
     gan_weight_g: float = 0.0
     regression_weight: float = 0.0
+    student_layers: int | None = None
+    init_generator: str | None = None
     huber_c: float = 0.03
     pair_steps: int = 20
     gan_weight_d: float = 0.0

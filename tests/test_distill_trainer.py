@@ -205,3 +205,26 @@ def test_regression_pairs_and_the_auxiliary_term(tmp_path):
     logs_c = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert logs_b[-1]["generator/regression"] < 0.9 * logs_b[0]["generator/regression"]   # fits the pairs
     assert "generator/regression" in logs_c[0] and "generator/dm_grad_norm" in logs_c[0]
+
+
+def test_tsm_smaller_student_then_dmd_from_it_and_mismatch_refused(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    pipe = build_tiny("pixart")
+    small = train(_config(tmp_path / "tsm", method="tsm", student_layers=1, steps=2, pair_steps=2, ema_decay=0.0),
+                  pipe, CAPTIONS, progress=False, pairs=2)
+    student = PixArtTransformer2DModel.from_pretrained(small / "transformer")
+    assert student.config.num_layers == 1 and pipe.transformer.config.num_layers == 2
+    logs = [json.loads(line) for line in (tmp_path / "tsm" / "log.jsonl").read_text().splitlines()]
+    assert "generator/tsm_loss" in logs[-1]
+    out = train(_config(tmp_path / "dmd", steps=1, init_generator=str(small), ema_decay=0.0), pipe, CAPTIONS,
+                progress=False)
+    assert PixArtTransformer2DModel.from_pretrained(out / "transformer").config.num_layers == 1
+    other = build_tiny("pixart", sample_size=4).transformer
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="teacher/student mismatch: sample_size is 8 in the teacher and 4"):
+        train(_config(tmp_path / "bad", init_generator=str(tmp_path / "other")), pipe, CAPTIONS, progress=False)
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
+    with pytest.raises(ValueError, match="student_layers must be in"):
+        train(_config(tmp_path / "bad2", method="tsm", student_layers=5, pair_steps=2), pipe, CAPTIONS,
+              progress=False, pairs=1)

@@ -1,8 +1,8 @@
 """Distillation methods: each module declares ``ROLES`` (trainable roles) and ``phases(config)``."""
 
-from . import dmd, nct, regression, sid
+from . import dmd, nct, regression, sid, tsm
 
-METHODS = {"dmd": dmd, "sid": sid, "nct": nct, "regression": regression}
+METHODS = {"dmd": dmd, "sid": sid, "nct": nct, "regression": regression, "tsm": tsm}
 
 
 def get(name: str):

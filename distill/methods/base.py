@@ -92,7 +92,7 @@ def student_and_fake(run: Run, config) -> dict:
     from ..roles import FakeScore, generator_from
 
     torch.manual_seed(config.seed)
-    generator = generator_from(run.teacher)
+    generator = generator_from(run.teacher) if not config.init_generator else load_student(run, config.init_generator)
     if config.fake == "lora":
         fake = FakeScore.lora_on(run.teacher, rank=config.lora_rank)
         run.extra["as_teacher"] = fake.as_teacher
@@ -100,6 +100,26 @@ def student_and_fake(run: Run, config) -> dict:
     else:
         fake = FakeScore.copy_of(run.teacher)
     return {"generator": generator, "fake": fake.module}
+
+
+def load_student(run: Run, path: str):
+    """A generator from a diffusers model folder (e.g. a TSM-pretrained smaller student), checked against
+    the teacher: same class, latent channels, sample size and text width, or a clear error."""
+    from pathlib import Path
+
+    teacher = run.teacher.model
+    folder = Path(path)
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    if not (folder / "config.json").exists():
+        raise ValueError(f"init_generator {path!r}: no diffusers model folder (config.json) there")
+    student = type(teacher).from_pretrained(folder).float().train()
+    for key in ("in_channels", "out_channels", "sample_size", "patch_size", "caption_channels",
+                "cross_attention_dim"):
+        a, b = teacher.config.get(key), student.config.get(key)
+        if a != b:
+            raise ValueError(f"teacher/student mismatch: {key} is {a} in the teacher and {b} in {path}")
+    return student.requires_grad_(True)
 
 
 def parameterisation_weight(prediction: str, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
