@@ -123,6 +123,22 @@ if triton is not None:
         tl.store(LSE + (z * n_groups + g) * n_v + offs_m, lse, mask=row_ok)
 
 
+    # on a GPU, warps and pipeline stages are tuned per (head dim, block) like flash-attention's
+    # kernels; the CPU interpreter ignores them, so it runs the plain kernel
+    _AUTOTUNED = triton.autotune(
+        configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+        key=["D", "B", "BLOCK_N"],
+    )(_block_sparse_fwd)
+
+
+def _kernel(device: torch.device):
+    import os
+
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return _AUTOTUNED
+    return _block_sparse_fwd
+
+
 def _check(q, k, v, indices: BlockIndices, heads, kt, vt) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a [Z, S, H, D] shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -160,7 +176,7 @@ def block_sparse_attn_triton(q, k, v, indices: BlockIndices, heads: torch.Tensor
     vt_ = vt if has_text else q
     len_ = len_t.to(device=q.device, dtype=torch.int32) if has_text else idx.col_cnt
     grid = (n_qb, z * h_g)
-    _block_sparse_fwd[grid](
+    _kernel(q.device)[grid](
         q, k, v, kt_, vt_, len_, heads.to(device=q.device, dtype=torch.int32),
         idx.full_idx, idx.full_cnt, idx.part_idx, idx.part_cnt, idx.col_idx, idx.col_cnt, idx.diag_r,
         idx.text.to(torch.int32),
