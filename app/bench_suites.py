@@ -225,5 +225,85 @@ def erta_shapes_t2i(schedules: str | None = None) -> Suite:
     return suite
 
 
+def sparse_shapes_t2v(schedules: str | None = None) -> Suite:
+    """Sparse-vDiT on shapes-t2v: plans searched on calibration prompts (block 32: 16 blocks over the
+    512 video tokens) at three predicted attention costs, against uniform diag and mdiag plans of
+    similar density. Quality = PSNR vs dense on held-out prompts and evaluator accuracy; density from
+    each plan. On CPU the processors run the blockwise reference, so speedups here are not kernel
+    speedups (those come from `accel bench sparse-kernel` on a GPU)."""
+    from accel.attention import SparseAttentionConfig
+    from accel.attention.search import SparseSearchSettings, search_plan
+    from pipelines.zoo.scoring import calibration_prompts
+
+    suite = _reference("shapes-t2v")
+    call = suite.call_kwargs
+    if schedules:
+        plans = [SparseAttentionConfig.load(p) for p in sorted(Path(schedules).glob("*.json"))]
+    else:
+        prompts = calibration_prompts("shapes-t2v", 4)
+        plans = [search_plan(suite.pipe, prompts, dict(call, num_inference_steps=10),
+                             SparseSearchSettings(block=32, rows=256, target_cost=c)) for c in (0.3, 0.4, 0.5)]
+    if not plans:
+        raise SystemExit(f"no sparse-attention plans in {schedules}")
+    model = suite.pipe.transformer
+    grid = plans[0].grid
+    entries = [BenchEntry(f"searched cost<={p.search.get('target_cost')}", (p,), family="Sparse-vDiT search",
+                          settings={"density": p.stats.get("density"), "skipped": p.stats.get("skipped"),
+                                    "modes": p.stats.get("modes")}) for p in plans]
+    n_layers, heads = model.config.num_layers, model.config.num_attention_heads
+    for mode, r in (("diag", 1), ("diag", 3), ("mdiag", 0), ("mdiag", 1)):
+        plan = SparseAttentionConfig.uniform("WanTransformer3DModel", grid=grid, layers=n_layers, heads=heads,
+                                             mode=mode, r=r, block=32, dense_layers=(0,))
+        entries.append(BenchEntry(f"uniform {mode} r={r}", (plan,), family=f"uniform {mode}",
+                                  settings={"density": round(_plan_density(plan), 3)}))
+    suite.entries = entries
+    suite.notes += (" Sparse attention: each row's settings give its attention density (dense layers and the "
+                    "20% dense warm-up steps excluded); CPU timings are not kernel timings.")
+    return suite
+
+
+def _plan_density(plan) -> float:
+    """Mean computed fraction over the plan's sparse layers."""
+    from accel.attention import SparseLayer
+
+    dens = [SparseLayer(heads, plan.token_grid, plan.block).density() for heads in plan.head_patterns().values()]
+    return sum(dens) / max(1, len(dens))
+
+
+def erta_shapes_t2v(schedules: str | None = None) -> Suite:
+    """ERTACache on shapes-t2v (flow-matching Euler: the interval adjustment is exact), profiles made
+    on calibration prompts at 1.5x and 2x, against FirstBlockCache and TaylorSeer."""
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from caching import ERTACacheConfig
+    from caching.ertacache_profile import make_profile
+    from pipelines.zoo.scoring import calibration_prompts
+
+    suite = _reference("shapes-t2v")
+    call = suite.call_kwargs
+    if schedules:
+        profiles = [ERTACacheConfig.load(p) for p in sorted(Path(schedules).glob("*.json"))]
+    else:
+        prompts = calibration_prompts("shapes-t2v", 8)
+        profiles = [make_profile(suite.pipe, prompts, dict(call), target_speedup=t) for t in (1.5, 2.0, 2.5)]
+    entries = []
+    for p in profiles:
+        target = p.calibration.get("target_speedup")
+        entries.append(BenchEntry(f"ERTACache x{target}", (p,), family="ERTACache",
+                                  settings={"target_speedup": target, "mask": p.mask}))
+    entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
+                           settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
+    wan_ids = [r"^blocks\.\d+\.attn\d$", r"^blocks\.\d+\.ffn$"]   # the defaults miss Wan's module names
+    entries += [BenchEntry(f"TaylorSeer n={n}", (TaylorSeerCacheConfig(
+        cache_interval=n, disable_cache_before_step=2, taylor_factors_dtype=None, cache_identifiers=wan_ids),),
+        peer=True, settings={"cache_interval": n}) for n in (2, 3, 4)]
+    suite.entries = entries
+    suite.compare = "ERTACache"
+    suite.compare_speedups = (1.5, 2.0)
+    suite.compare_peers = ("FirstBlockCache", "TaylorSeer")
+    return suite
+
+
 SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v,
-          "ecad-shapes-t2i": ecad_shapes_t2i, "erta-shapes-t2i": erta_shapes_t2i}
+          "ecad-shapes-t2i": ecad_shapes_t2i, "erta-shapes-t2i": erta_shapes_t2i,
+          "sparse-shapes-t2v": sparse_shapes_t2v, "erta-shapes-t2v": erta_shapes_t2v}
