@@ -39,11 +39,12 @@ def _table(metrics: dict):
     return pd.DataFrame([{"metric": k, "value": v} for k, v in metrics.items()])
 
 
-def _points(runner: Runner, model: str):
+def _points(runner: Runner, model: str, tab: str = "image"):
     import pandas as pd
 
-    rows = runner.frontier_points(model)
-    return pd.DataFrame(rows or [{"method": "none yet", "speedup": 1.0, "PSNR (dB)": 0.0, "source": "live"}])
+    quality = "exact match (%)" if tab == "text" else "PSNR (dB)"
+    rows = runner.frontier_points(model, tab)
+    return pd.DataFrame(rows or [{"method": "none yet", "speedup": 1.0, quality: 0.0, "source": "live"}])
 
 
 def _failure(exc: Exception) -> str:
@@ -77,17 +78,38 @@ def build_demo(runner: Runner | None = None):
             out = runner.run_video(model, prompt, seed, steps, method, setting,
                                    frames=None if model == "tiny-wan" else frames)
         except Exception as exc:  # noqa: BLE001
-            return None, None, _table({}), _failure(exc)
-        return out["baseline"], out["accelerated"], _table(out["metrics"]), f"done: {out['metrics']['speedup']}x"
+            return None, None, _table({}), _points(runner, model, "video"), _failure(exc)
+        return (out["baseline"], out["accelerated"], _table(out["metrics"]), _points(runner, model, "video"),
+                f"done: {out['metrics']['speedup']}x")
 
     def text_job(model, prompt, method, setting, gen_length, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads it)
-        try:
-            out = runner.run_text(model, prompt, method, setting, gen_length)
-        except Exception as exc:  # noqa: BLE001
-            return "", "", _table({}), _failure(exc)
+        # a generator: the baseline pane fills in (with its tokens/s) before the accelerated run starts
+        import queue
+        import threading
+
+        updates: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def work():
+            try:
+                result["out"] = runner.run_text(model, prompt, method, setting, gen_length,
+                                                on_baseline=lambda text, sec: updates.put((text, sec)))
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = exc
+            updates.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := updates.get()) is not None:
+            text, sec = item
+            yield (text, "", _table({}), _points(runner, model, "text"),
+                   f"baseline: {int(gen_length) / sec:.1f} tokens/s; running the accelerated method ...")
+        if "error" in result:
+            yield "", "", _table({}), _points(runner, model, "text"), _failure(result["error"])
+            return
+        out = result["out"]
         m = out["metrics"]
-        return (out["baseline"], out["accelerated"], _table(m),
-                f"done: {m['baseline tokens/s']} vs {m['accelerated tokens/s']} tokens/s ({m['speedup']}x)")
+        yield (out["baseline"], out["accelerated"], _table(m), _points(runner, model, "text"),
+               f"done: {m['baseline tokens/s']} vs {m['accelerated tokens/s']} tokens/s ({m['speedup']}x)")
 
     def one_step_job(teacher, student, prompt, seed, steps, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads it)
         try:
@@ -140,10 +162,13 @@ def build_demo(runner: Runner | None = None):
             with gr.Row():
                 v_base = gr.Image(label="baseline", type="filepath")
                 v_fast = gr.Image(label="accelerated", type="filepath")
-            v_table = gr.Dataframe(label="metrics")
+            with gr.Row():
+                v_table = gr.Dataframe(label="metrics")
+                v_plot = gr.ScatterPlot(_points(runner, "shapes-t2v", "video"), x="speedup", y="PSNR (dB)",
+                                        color="method", label="speed vs quality")
             v_method.change(lambda m, me: settings_update("video", m, me), [v_model, v_method], v_setting)
             v_run.click(video_job, [v_model, v_prompt, v_seed, v_steps, v_frames, v_method, v_setting],
-                        [v_base, v_fast, v_table, v_status], api_name="run_video")
+                        [v_base, v_fast, v_table, v_plot, v_status], api_name="run_video")
 
         with gr.Tab("Text"):
             with gr.Row():
@@ -159,10 +184,13 @@ def build_demo(runner: Runner | None = None):
             with gr.Row():
                 t_base = gr.Textbox(label="baseline")
                 t_fast = gr.Textbox(label="accelerated")
-            t_table = gr.Dataframe(label="metrics")
+            with gr.Row():
+                t_table = gr.Dataframe(label="metrics")
+                t_plot = gr.ScatterPlot(_points(runner, "dlm-tasks", "text"), x="speedup", y="exact match (%)",
+                                        color="method", label="speed vs exact match (benchmark: batch 1)")
             t_method.change(lambda m, me: settings_update("text", m, me), [t_model, t_method], t_setting)
             t_run.click(text_job, [t_model, t_prompt, t_method, t_setting, t_len],
-                        [t_base, t_fast, t_table, t_status], api_name="run_text")
+                        [t_base, t_fast, t_table, t_plot, t_status], api_name="run_text")
 
         with gr.Tab("One-step"):
             with gr.Row():

@@ -24,6 +24,9 @@ def test_runner_errors_are_messages_and_leave_models_clean():
         runner.run_image("tiny", "  ", steps=4, method="StaticCache")
     with pytest.raises(AppError, match="multiple of the block length"):
         runner.run_text("tiny-dlm", "copy:abc|", gen_length=48)
+    seen = []
+    out = runner.run_text("tiny-dlm", "copy:abc|", gen_length=32, on_baseline=lambda t, s: seen.append(t))
+    assert seen == [out["baseline"]]                     # the baseline pane fills in first
     pipe = runner.models[("image", "tiny")]
     import accel
 
@@ -65,12 +68,17 @@ def test_every_tab_returns_both_outputs_and_metrics(app_url):
     assert len(pair) == 2 and all(p for p in pair) and "done" in status
     rows = _rows(table)
     assert rows["speedup"] > 0 and "adherence accelerated" in rows
-    base, fast, table, status = client.predict("tiny-wan", "a red circle moving left", 0, 4, 9,
-                                               "StaticCache + Sparse attention", "", api_name="/run_video")
+    base, fast, table, plot, status = client.predict("tiny-wan", "a red circle moving left", 0, 4, 9,
+                                                     "StaticCache + Sparse attention", "", api_name="/run_video")
     assert base and fast and _rows(table)["PSNR (dB)"] > 0, status
-    base, fast, table, status = client.predict("tiny-dlm", "copy:abcdefgh|", "dKV-Cache decode + parallel",
-                                               "refresh 8", 64, api_name="/run_text")
-    assert isinstance(base, str) and isinstance(fast, str) and _rows(table)["accelerated tokens/s"] > 0, status
+    assert any(r[0] == "StaticCache + Sparse attention" for r in plot["value"]["data"])       # the live run
+    from pipelines.zoo.dlm import sample_tasks
+
+    task = sample_tasks("heldout", 1)[0]
+    base, fast, table, plot, status = client.predict("dlm-tasks", task.prompt, "dKV-Cache decode + parallel",
+                                                     "refresh 8", 64, api_name="/run_text")
+    rows = _rows(table)
+    assert base == task.answer and rows["accelerated tokens/s"] > 0 and rows["baseline correct"] == 1.0, status
     pair, table, status = client.predict("tiny", student, PROMPT, 0, 4, api_name="/run_one_step")
     assert len(pair) == 2 and _rows(table)["denoiser calls"] == "4 vs 1", status
 
@@ -85,12 +93,12 @@ def test_bad_inputs_show_messages_and_the_app_keeps_serving(app_url):
         client.predict("shapes-t2i", PROMPT, 0, 500, "StaticCache", "interval 2", api_name="/run_image")
     pair, _, _, status = client.predict("offline/unknown-model", PROMPT, 0, 4, "StaticCache", "", api_name="/run_image")
     assert pair is None and "cannot load image model 'offline/unknown-model'" in status
-    _, _, _, status = client.predict("shapes-t2v-missing", "x", 0, 4, 9, "StaticCache", "", api_name="/run_video")
+    _, _, _, _, status = client.predict("shapes-t2v-missing", "x", 0, 4, 9, "StaticCache", "", api_name="/run_video")
     assert status.startswith("**Error:**")
     _, _, _, status = client.predict("tiny", PROMPT, 0, 4, "ECAD", "", api_name="/run_image")
     assert "no shipped ECADConfig for 'tiny'" in status               # a method this model has no schedule for
-    _, _, _, status = client.predict("shapes-t2v", "x", 0, 4, 9, "Sparse attention", "diag r=1",
-                                     api_name="/run_video")
+    _, _, _, _, status = client.predict("shapes-t2v", "x", 0, 4, 9, "Sparse attention", "diag r=1",
+                                        api_name="/run_video")
     assert status.startswith("**Error:**")
     with pytest.raises(ClientError, match="not in the list of choices"):
         client.predict("tiny", PROMPT, 0, 4, "Sparse attention", "", api_name="/run_image")
