@@ -180,21 +180,13 @@ def _mag_ratios(pipe, prompt: str, call: dict) -> list[float]:
     return [float(v) for v in found[-1].split(",")]
 
 
-def erta_shapes_t2i(schedules: str | None = None) -> Suite:
-    """ERTACache on shapes-t2i (profiles at four target speedups, each as mask only, + rectification,
-    + interval adjustment) against FirstBlockCache, MagCache, TaylorSeer and SeaCache at four settings."""
+def _erta_suite(name: str, profiles: list, taylor_ids: list[str]) -> Suite:
+    """ERTACache profiles (each as mask only, + rectification, + interval adjustment) against
+    FirstBlockCache, MagCache (ratios calibrated on this model), TaylorSeer and SeaCache at four
+    settings each, on the held-out prompts of a reference model."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, SeaCacheConfig, TaylorSeerCacheConfig
 
-    from caching import ERTACacheConfig
-    from caching.ecad_search import shipped_schedules
-
-    suite = _reference("shapes-t2i")
-    if schedules is None:
-        profiles = shipped_schedules("shapes-t2i", kind="profiles", cls=ERTACacheConfig)
-    else:
-        profiles = [ERTACacheConfig.load(p) for p in sorted(Path(schedules).glob("*.json"))]
-    if not profiles:
-        raise SystemExit(f"no ERTACache profiles found in {schedules or 'the shipped shapes-t2i profiles'}")
+    suite = _reference(name)
     entries = []
     for p in profiles:
         target = p.calibration.get("target_speedup")
@@ -205,7 +197,6 @@ def erta_shapes_t2i(schedules: str | None = None) -> Suite:
                                       settings={"target_speedup": target, "mask": p.mask, "variant": label}))
     call = suite.call_kwargs
     ratios = _mag_ratios(suite.pipe, suite.prompts[0], dict(call, output_type="latent"))
-    taylor_ids = [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"]
     entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
                            settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
     entries += [BenchEntry(f"MagCache t={t}", (MagCacheConfig(
@@ -223,6 +214,27 @@ def erta_shapes_t2i(schedules: str | None = None) -> Suite:
     suite.notes = (suite.notes + " ERTACache profiles were made on calibration prompts (disjoint from these "
                    "held-out prompts) with `accel erta profile`; 'mask only' and 'mask+rect' rows are the ablation.")
     return suite
+
+
+def _erta_profiles(name: str, schedules: str | None) -> list:
+    from caching import ERTACacheConfig
+    from caching.ecad_search import shipped_schedules
+
+    if schedules is None:
+        profiles = shipped_schedules(name, kind="profiles", cls=ERTACacheConfig)
+    else:
+        profiles = [ERTACacheConfig.load(p) for p in sorted(Path(schedules).glob("*.json"))]
+    if not profiles:
+        raise SystemExit(f"no ERTACache profiles found in {schedules or f'the shipped {name} profiles'} "
+                         f"(make them with `accel erta profile --model {name} --target-speedup 2 ...`)")
+    return profiles
+
+
+def erta_shapes_t2i(schedules: str | None = None) -> Suite:
+    """ERTACache on shapes-t2i (the shipped profiles, or those in ``schedules``) against
+    FirstBlockCache, MagCache, TaylorSeer and SeaCache, with the three-part ablation."""
+    return _erta_suite("shapes-t2i", _erta_profiles("shapes-t2i", schedules),
+                       [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"])
 
 
 def sparse_shapes_t2v(schedules: str | None = None) -> Suite:
@@ -271,37 +283,11 @@ def _plan_density(plan) -> float:
 
 
 def erta_shapes_t2v(schedules: str | None = None) -> Suite:
-    """ERTACache on shapes-t2v (flow-matching Euler: the interval adjustment is exact), profiles made
-    on calibration prompts at 1.5x and 2x, against FirstBlockCache and TaylorSeer."""
-    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
-
-    from caching import ERTACacheConfig
-    from caching.ertacache_profile import make_profile
-    from pipelines.zoo.scoring import calibration_prompts
-
-    suite = _reference("shapes-t2v")
-    call = suite.call_kwargs
-    if schedules:
-        profiles = [ERTACacheConfig.load(p) for p in sorted(Path(schedules).glob("*.json"))]
-    else:
-        prompts = calibration_prompts("shapes-t2v", 8)
-        profiles = [make_profile(suite.pipe, prompts, dict(call), target_speedup=t) for t in (1.5, 2.0, 2.5)]
-    entries = []
-    for p in profiles:
-        target = p.calibration.get("target_speedup")
-        entries.append(BenchEntry(f"ERTACache x{target}", (p,), family="ERTACache",
-                                  settings={"target_speedup": target, "mask": p.mask}))
-    entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
-                           settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
-    wan_ids = [r"^blocks\.\d+\.attn\d$", r"^blocks\.\d+\.ffn$"]   # the defaults miss Wan's module names
-    entries += [BenchEntry(f"TaylorSeer n={n}", (TaylorSeerCacheConfig(
-        cache_interval=n, disable_cache_before_step=2, taylor_factors_dtype=None, cache_identifiers=wan_ids),),
-        peer=True, settings={"cache_interval": n}) for n in (2, 3, 4)]
-    suite.entries = entries
-    suite.compare = "ERTACache"
-    suite.compare_speedups = (1.5, 2.0)
-    suite.compare_peers = ("FirstBlockCache", "TaylorSeer")
-    return suite
+    """ERTACache on shapes-t2v (flow-matching Euler: the interval adjustment is exact), the shipped
+    profiles or those in ``schedules``, against the same four caches as on shapes-t2i."""
+    # diffusers' TaylorSeer defaults miss Wan's module names
+    return _erta_suite("shapes-t2v", _erta_profiles("shapes-t2v", schedules),
+                       [r"^blocks\.\d+\.attn\d$", r"^blocks\.\d+\.ffn$"])
 
 
 SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v,

@@ -11,6 +11,7 @@
     $ accel erta profile --model shapes-t2i --target-speedup 2 --out erta.json   # ERTACache profile
     $ accel sparse search --model shapes-t2v --out plan.json     # Sparse-vDiT per-head plan search
     $ accel distill dmd --teacher shapes-t2i --output-dir runs/dmd   # one-step student (accelerate)
+    $ accel bench one-step --path dmd=runs/dmd/pipeline   # one-step students vs the 20-step teacher
     $ accel bench sparse-kernel # block-sparse kernel vs SDPA/FlexAttention (GPU; lists what is unmeasured)
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
@@ -38,6 +39,20 @@ def _bench(args: argparse.Namespace) -> int:
         result["command"] = "accel " + shlex.join(sys.argv[1:])
         path = bench_dllm.write(result, args.out)
         print(bench_dllm.markdown(result))
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.suite == "one-step":
+        from app import bench_distill
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if not args.path:
+            print("one-step needs --path LABEL=STUDENT_FOLDER[,...] (e.g. dmd=runs/dmd/pipeline)", file=sys.stderr)
+            return 2
+        result = bench_distill.run(args.path, n=args.prompts or 200, runs=args.runs or 5, progress=not args.quiet)
+        result["command"] = "accel " + shlex.join(sys.argv[1:])
+        path = bench_distill.write(result, args.out)
+        print(bench_distill.markdown(result))
         print(f"wrote {path} and {path.with_suffix('.md')}")
         return 0
     if args.suite == "sparse-kernel":
@@ -327,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--schedules", help="ecad-*/erta-* suites: a folder of schedules/profiles (default: shipped)")
-    bench.add_argument("--path", help="dllm: a trained dlm-tasks pipeline folder (default: the shipped one)")
+    bench.add_argument("--path", help="dllm: a trained dlm-tasks pipeline folder (default: the shipped one); "
+                       "one-step: LABEL=FOLDER[,LABEL=FOLDER...] of exported students")
     bench.add_argument("--shape", default="wan-1.3b-480p", help="sparse-kernel: wan-1.3b-480p, cogvideox1.5, "
                        "hunyuan-720p")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="sparse-kernel: input dtype")

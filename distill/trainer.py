@@ -262,10 +262,12 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
     bar = tqdm(total=config.steps, initial=start, desc=f"distill {config.method}",
                disable=not (progress and accelerator.is_main_process))
     t0, done = time.time(), 0
+    # each phase's latest values: phases that run every k steps still show at every log step
+    logs: dict = {}
     try:
         for step in range(start, config.steps):
             seed = (config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index * 7_919
-            logs: dict = {}
+            logs.pop("nan_skip", None)
             for p_i, phase in enumerate(phases):
                 if step % phase.every:
                     continue
@@ -284,7 +286,7 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
                     for n in phase.trains:
                         opts[n].zero_grad(set_to_none=True)
                     skips += 1
-                    logs[f"{phase.name}/nan_skip"] = 1
+                    logs["nan_skip"] = phase.name
                     if skips >= config.max_nan_skips:
                         raise FloatingPointError(f"{skips} consecutive non-finite losses in phase {phase.name!r} "
                                                  f"at step {step}; lower the learning rate or use bf16/fp32")

@@ -228,3 +228,20 @@ def test_tsm_smaller_student_then_dmd_from_it_and_mismatch_refused(tmp_path):
     with pytest.raises(ValueError, match="student_layers must be in"):
         train(_config(tmp_path / "bad2", method="tsm", student_layers=5, pair_steps=2), pipe, CAPTIONS,
               progress=False, pairs=1)
+
+
+def test_one_step_bench_scores_and_times_a_student_against_its_teacher(tmp_path):
+    from app.bench_distill import markdown, run
+    from distill.export import export_one_step
+    from pipelines.zoo import load_reference
+
+    teacher = load_reference("shapes-t2i")
+    export_one_step(teacher, teacher.transformer, tmp_path / "student")    # the teacher's net, sampled in one step
+    result = run(f"one={tmp_path / 'student'}", n=2, runs=1, timing_prompts=1, progress=False)
+    base, student = result["results"]
+    assert (base["denoiser_calls"], student["denoiser_calls"]) == (20, 1)
+    assert student["denoiser_speedup"] > 5 and student["speedup"] > 1
+    assert 0 <= student["adherence"] <= 1 and base["adherence_vs_teacher"] == 1.0
+    assert "| one | 1 |" in markdown(result)
+    with pytest.raises(SystemExit, match="not found"):
+        run(f"x={tmp_path / 'missing'}", n=1, runs=1, timing_prompts=1, progress=False)
