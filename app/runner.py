@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import accel
+from pipelines.zoo import REFERENCES as REFERENCE  # models with shipped schedules/profiles and an evaluator
 
 LIMITS = {"steps": (1, 50), "size": (64, 512), "frames": (1, 33), "gen_length": (32, 256)}
 IMAGE_MODELS = ("shapes-t2i", "tiny")
@@ -148,10 +149,10 @@ class Runner:
         from caching.ertacache import ERTACacheConfig
 
         if method == "ECAD":
-            return [_ecad_label(c) for c in shipped_schedules(model)] if model == "shapes-t2i" else []
+            return [_ecad_label(c) for c in shipped_schedules(model)] if model in REFERENCE else []
         if method == "ERTACache":
             return [f"reuse {c.reuse_fraction:.0%} ({c.mask})" for c in
-                    shipped_schedules(model, "profiles", ERTACacheConfig)] if model == "shapes-t2i" else []
+                    shipped_schedules(model, "profiles", ERTACacheConfig)] if model in REFERENCE else []
         if method.startswith("StaticCache"):
             return ["interval 2", "interval 3", "interval 4"]
         if method == "FirstBlockCache":
@@ -193,7 +194,7 @@ class Runner:
 
         if setting and Path(setting).is_file():
             return cls.load(setting)
-        shipped = shipped_schedules(model, kind, cls) if model == "shapes-t2i" else []
+        shipped = shipped_schedules(model, kind, cls) if model in REFERENCE else []
         labels = [_ecad_label(c) for c in shipped] if kind == "schedules" else \
             [f"reuse {c.reuse_fraction:.0%} ({c.mask})" for c in shipped]
         if not shipped:
@@ -313,6 +314,14 @@ class Runner:
         base, fast, t_base, t_fast = self._pair(pipe, configs, generate)
         metrics = {"baseline (s)": t_base, "accelerated (s)": t_fast, "speedup": t_base / max(t_fast, 1e-9),
                    "PSNR (dB)": psnr(fast[0], base[0])}
+        if model == "shapes-t2v":
+            from pipelines.zoo.evaluate import score_clips
+
+            def clip(x):
+                return x.clamp(0, 1).permute(0, 2, 3, 1)          # [T, C, H, W] -> THWC in [0, 1]
+
+            metrics["adherence baseline"] = score_clips([clip(base[0])], [prompt])["overall"]
+            metrics["adherence accelerated"] = score_clips([clip(fast[0])], [prompt])["overall"]
         self.history.append({"tab": "video", "model": model, "method": f"{method} {setting}".strip(),
                              "speedup": metrics["speedup"], "quality": min(metrics["PSNR (dB)"], 60.0)})
         return {"baseline": _mp4(base[0]), "accelerated": _mp4(fast[0]), "metrics": _rounded(metrics)}
