@@ -45,10 +45,6 @@ METHODS = [
 CALL = {"gen_length": 128, "block_length": 32, "steps": 128, "stop_at_eos": False}
 
 
-def few_shot(prompt: str, shots: list) -> str:
-    return "".join(f"{t.prompt}{t.answer}\n" for t in shots) + prompt
-
-
 def _run(pipe, tasks, prompts, batch: int, config, extra: dict, call: dict) -> dict:
     from pipelines.zoo.dlm import exact_match
 
@@ -76,7 +72,7 @@ def run(n: int = 64, batches=(1, 8), long_prompt: bool = True, progress: bool = 
     from tqdm.auto import tqdm
 
     from pipelines.zoo import load_reference
-    from pipelines.zoo.dlm import sample_tasks
+    from pipelines.zoo.dlm import few_shot, sample_tasks
 
     call = dict(CALL if call is None else call)
     pipe = load_reference("dlm-tasks", path=path)

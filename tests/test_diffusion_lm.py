@@ -18,7 +18,8 @@ from pipelines.zoo.dlm import (
 )
 
 TINY = DLMRecipe(hidden=32, layers=2, heads=2, intermediate=64, batch=8, steps=6, warmup=2, checkpoint_every=3,
-                 eval_every=1000, train_tasks=64, train_lengths=(16, 32))
+                 eval_every=1000, train_tasks=64, train_lengths=(16, 32), few_shot_steps=4, few_shot_rate=1.0,
+                 max_shots=3)
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +102,21 @@ def test_training_resumes_and_the_saved_pipeline_loads(tmp_path):
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)      # checkpoints 3, 6 | 9, 10 (stage 2)
     assert a.model.config.is_causal is False and a.tokenizer.mask_token == "<mask>"
     assert isinstance(a(["copy:abcdefgh|"], gen_length=32, block_length=32, steps=8)[0], str)
+
+
+def test_stage_two_puts_solved_tasks_in_front_of_the_prompt():
+    from pipelines.zoo.dlm import _lr, _with_shots, sample_tasks
+
+    pool, tasks = sample_tasks("train", 16), sample_tasks("train", 4, start=100)
+    long = _with_shots(tasks, pool, TINY, torch.Generator().manual_seed(0))
+    for t, lt in zip(tasks, long):
+        shots = lt.prompt.split("\n")
+        assert shots[-1] == t.prompt and lt.answer == t.answer and 1 <= len(shots) - 1 <= TINY.max_shots
+        assert all(any(s == q.prompt + q.answer for q in pool) for s in shots[:-1])
+    assert _lr(TINY.steps, TINY) == pytest.approx(TINY.few_shot_lr)        # stage 2 restarts its own schedule
 
 
 def test_dllm_bench_harness_on_a_tiny_model(tmp_path):

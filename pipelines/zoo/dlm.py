@@ -120,6 +120,18 @@ class DLMRecipe:
     checkpoint_every: int = 500
     eval_every: int = 2000
     train_tasks: int = 200_000
+    # stage 2: long contexts. After ``steps``, ``few_shot_steps`` more steps in which a share
+    # ``few_shot_rate`` of the batches put 1..``max_shots`` solved training tasks in front of each
+    # prompt (up to ~300 prompt tokens, the setting where KV caching pays), at ``few_shot_lr`` decaying
+    # to 5% of it. Without it the model never sees positions past ~150 and fails on long prompts.
+    few_shot_steps: int = 4000
+    few_shot_rate: float = 0.5
+    max_shots: int = 10
+    few_shot_lr: float = 2e-4
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.few_shot_steps
 
 
 def build_model(recipe: DLMRecipe, vocab_size: int):
@@ -162,7 +174,24 @@ def masked_diffusion_loss(model, ids, answer, attn, mask_id: int, generator: tor
     return ((ce * masked) / t).sum() / answer.sum()
 
 
+def few_shot(prompt: str, shots: list[Task]) -> str:
+    """``prompt`` with solved tasks in front, one per line (the long-context format)."""
+    return "".join(f"{t.prompt}{t.answer}\n" for t in shots) + prompt
+
+
+def _with_shots(tasks: list[Task], pool: list[Task], recipe: DLMRecipe, gen: torch.Generator) -> list[Task]:
+    out = []
+    for t in tasks:
+        k = int(torch.randint(1, recipe.max_shots + 1, (1,), generator=gen))
+        shots = [pool[i] for i in torch.randint(len(pool), (k,), generator=gen).tolist()]
+        out.append(Task(t.kind, t.text, few_shot(t.prompt, shots), t.answer))
+    return out
+
+
 def _lr(step: int, recipe: DLMRecipe) -> float:
+    if step >= recipe.steps:       # stage 2 (long contexts)
+        frac = (step - recipe.steps) / max(1, recipe.few_shot_steps)
+        return recipe.few_shot_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
     frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
@@ -232,18 +261,21 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
         if opt_file.exists():
             opt.load_state_dict(torch.load(opt_file, weights_only=True))
         step = json.loads(meta_file.read_text())["step"]
-    train_tasks = sample_tasks("train", recipe.train_tasks) if step < recipe.steps else []
+    train_tasks = sample_tasks("train", recipe.train_tasks) if step < recipe.total_steps else []
     log = open(work / "log.jsonl", "a")  # noqa: SIM115
-    bar = tqdm(total=recipe.steps, initial=step, desc="dlm-tasks", disable=not progress)
+    bar = tqdm(total=recipe.total_steps, initial=step, desc="dlm-tasks", disable=not progress)
     model.train()
     t0 = time.time()
     try:
-        while step < recipe.steps:
+        while step < recipe.total_steps:
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
             idx = torch.randint(len(train_tasks), (recipe.batch,), generator=gen).tolist()
             lengths = recipe.train_lengths or (recipe.gen_length,)
             length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
-            ids, answer, attn = batch_of([train_tasks[i] for i in idx], tokenizer, length)
+            tasks = [train_tasks[i] for i in idx]
+            if step >= recipe.steps and float(torch.rand(1, generator=gen)) < recipe.few_shot_rate:
+                tasks = _with_shots(tasks, train_tasks, recipe, gen)
+            ids, answer, attn = batch_of(tasks, tokenizer, length)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, recipe)
             loss = masked_diffusion_loss(model, ids, answer, attn, tokenizer.mask_token_id, gen)
@@ -254,7 +286,7 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+            if step % recipe.checkpoint_every == 0 or step == recipe.total_steps:
                 _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()
                               if k != "lm_head.weight"}, ckpt)  # tied to the embeddings
                 tmp = work / "optim.pt.tmp"
@@ -262,7 +294,7 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
                 os.replace(tmp, work / "optim.pt")
                 meta_file.write_text(json.dumps({"step": step, "recipe": asdict(recipe)}))
                 record = {"step": step, "loss": float(loss.detach()), "seconds": time.time() - t0}
-                if step % recipe.eval_every == 0 or step == recipe.steps:
+                if step % recipe.eval_every == 0 or step == recipe.total_steps:
                     model.eval()
                     pipe = DiffusionLMPipeline(model, tokenizer)
                     pipe.set_progress_bar_config(disable=True)
