@@ -124,7 +124,7 @@ class DLMRecipe:
     # ``few_shot_rate`` of the batches put 1..``max_shots`` solved training tasks in front of each
     # prompt (up to ~300 prompt tokens, the setting where KV caching pays), at ``few_shot_lr`` decaying
     # to 5% of it. Without it the model never sees positions past ~150 and fails on long prompts.
-    few_shot_steps: int = 4000
+    few_shot_steps: int = 2500
     few_shot_rate: float = 0.5
     max_shots: int = 10
     few_shot_lr: float = 2e-4
