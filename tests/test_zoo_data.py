@@ -40,6 +40,13 @@ def test_splits_are_disjoint_and_heldout_has_novel_combinations():
     assert {(c, s) for c, s, _ in HELDOUT_TRIPLES} <= seen
 
 
+def test_clip_splits_have_the_training_object_count_and_stay_disjoint():
+    train = sample_scenes("train", 2000, video=True)
+    held = sample_scenes("heldout", 300, video=True)
+    assert max(len(s.objects) for s in held) == max(len(s.objects) for s in train) == 2
+    assert not {s.key() for s in train} & {s.key() for s in held}
+
+
 def test_caption_round_trips_through_the_parser():
     for scene in sample_scenes("train", 50, partial=0.3):
         objs = parse_prompt(caption(scene))

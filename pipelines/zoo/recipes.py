@@ -46,7 +46,7 @@ class Recipe:
     # data
     image_size: int = 256
     frames: int = 1
-    max_objects: int = 3
+    max_objects: int | None = None   # None: shapes.MAX_OBJECTS for the kind (images 3, clips 2)
     train_scenes: int = 20_000
     partial_captions: float = 0.15
     caption_dropout: float = 0.1
@@ -75,8 +75,8 @@ RECIPES: dict[str, Recipe] = {
     # 2.9-5.9 s for 6 x 192 at batch 16, which could not train within the CPU budget
     "shapes-t2v": Recipe(
         name="shapes-t2v", kind="t2v", image_size=128, frames=29, layers=4, heads=4, head_dim=32,
-        vae_channels=(8, 16, 32, 32), latent_channels=8, train_scenes=6000, max_objects=2,
-        vae_steps=1200, vae_batch=4, vae_crop=64, vae_frames=9, steps=6000, batch=8,
+        vae_channels=(8, 16, 32, 32), latent_channels=16, train_scenes=6000,
+        vae_steps=2500, vae_batch=4, vae_crop=64, vae_frames=9, steps=6000, batch=8,
     ),
 }
 

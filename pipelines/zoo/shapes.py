@@ -53,6 +53,7 @@ HELDOUT_TRIPLES = (
 
 SPLIT_SEEDS = {"train": 1_000_003, "calibration": 2_000_029, "heldout": 3_000_017}
 SPLIT_SIZES = {"calibration": 256, "heldout": 1024}   # the fixed lists the training split must avoid
+MAX_OBJECTS = {False: 3, True: 2}   # objects per scene: images 1-3, clips 1-2 (the default of every split)
 
 
 def cell_phrase(cell: tuple[int, int]) -> str:
@@ -157,8 +158,11 @@ def _reserved_keys(video: bool) -> frozenset:
 
 
 def sample_scenes(split: str, n: int, *, start: int = 0, video: bool = False,
-                  max_objects: int = 3, partial: float = 0.0) -> list[Scene]:
+                  max_objects: int | None = None, partial: float = 0.0) -> list[Scene]:
     """Scenes `start .. start+n-1` of a split ("train", "calibration" or "heldout").
+
+    `max_objects` defaults to ``MAX_OBJECTS[video]``, so held-out and calibration scenes have as
+    many objects as the training scenes of the same kind.
 
     `partial` (training only) is the probability of leaving size, and separately position,
     out of the caption, so that short prompts such as "a red circle" are in distribution.
@@ -167,6 +171,8 @@ def sample_scenes(split: str, n: int, *, start: int = 0, video: bool = False,
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if split != "train" and partial:
         raise ValueError("partial captions are for the training split only")
+    if max_objects is None:
+        max_objects = MAX_OBJECTS[video]
     reserved = _reserved_keys(video) if split == "train" else frozenset()
     scenes = []
     for index in range(start, start + n):
