@@ -12,6 +12,7 @@
     $ accel sparse search --model shapes-t2v --out plan.json     # Sparse-vDiT per-head plan search
     $ accel distill dmd --teacher shapes-t2i --output-dir runs/dmd   # one-step student (accelerate)
     $ accel bench one-step --path dmd=runs/dmd/pipeline   # one-step students vs the 20-step teacher
+    $ accel bench nct-control --path runs/dmd/pipeline --adapter runs/nct/adapter   # layout control
     $ accel bench sparse-kernel # block-sparse kernel vs SDPA/FlexAttention (GPU; lists what is unmeasured)
 
 Results go to ``benchmarks/results/SUITE.json`` and ``SUITE.md``.
@@ -54,6 +55,25 @@ def _bench(args: argparse.Namespace) -> int:
         path = bench_distill.write(result, args.out)
         print(bench_distill.markdown(result))
         print(f"wrote {path} and {path.with_suffix('.md')}")
+        return 0
+    if args.suite == "nct-control":
+        import json
+        from pathlib import Path
+
+        from app import bench_distill
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if not (args.path and args.adapter):
+            print("nct-control needs --path STUDENT_FOLDER --adapter ADAPTER_FOLDER", file=sys.stderr)
+            return 2
+        result = bench_distill.run_control(args.path, args.adapter, n=args.prompts or 200, progress=not args.quiet)
+        result["command"] = "accel " + shlex.join(sys.argv[1:])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nct-control-shapes-t2i.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "nct-control-shapes-t2i.md").write_text(bench_distill.control_markdown(result))
+        print(bench_distill.control_markdown(result))
         return 0
     if args.suite == "sparse-kernel":
         from app import bench_sparse
@@ -344,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--schedules", help="ecad-*/erta-* suites: a folder of schedules/profiles (default: shipped)")
     bench.add_argument("--path", help="dllm: a trained dlm-tasks pipeline folder (default: the shipped one); "
                        "one-step: LABEL=FOLDER[,LABEL=FOLDER...] of exported students")
+    bench.add_argument("--adapter", help="nct-control: the folder `accel distill nct` wrote (OUTPUT_DIR/adapter)")
     bench.add_argument("--shape", default="wan-1.3b-480p", help="sparse-kernel: wan-1.3b-480p, cogvideox1.5, "
                        "hunyuan-720p")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="sparse-kernel: input dtype")

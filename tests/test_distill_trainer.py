@@ -245,3 +245,24 @@ def test_one_step_bench_scores_and_times_a_student_against_its_teacher(tmp_path)
     assert "| one | 1 |" in markdown(result)
     with pytest.raises(SystemExit, match="not found"):
         run(f"x={tmp_path / 'missing'}", n=1, runs=1, timing_prompts=1, progress=False)
+
+
+def test_control_bench_compares_the_adapted_student_with_the_plain_one(tmp_path):
+    from app.bench_distill import control_markdown, run_control
+    from distill.adapter import ControlAdapter
+    from distill.export import export_adapter, export_one_step
+    from pipelines.zoo import load_reference
+
+    teacher = load_reference("shapes-t2i")
+    export_one_step(teacher, teacher.transformer, tmp_path / "student")
+    adapter = ControlAdapter.for_model(teacher.transformer, control_channels=1)     # zero-initialised
+    export_adapter(adapter, tmp_path / "adapter", control="layout")
+    result = run_control(str(tmp_path / "student"), str(tmp_path / "adapter"), n=2, batch=2, progress=False)
+    plain, controlled = result["rows"]
+    # a zero adapter changes nothing: both rows score the same images
+    assert plain["attributes"] == controlled["attributes"] and result["caption_change_points"] == 0
+    assert 0 <= controlled["layout_agreement"] <= 1
+    assert "| controlled student |" in control_markdown(result)
+    export_adapter(adapter, tmp_path / "sign", control="latent-sign")
+    with pytest.raises(SystemExit, match="layout adapters"):
+        run_control(str(tmp_path / "student"), str(tmp_path / "sign"), n=1, progress=False)

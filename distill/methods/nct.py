@@ -37,15 +37,19 @@ def latent_sign_control(run: Run, x: torch.Tensor) -> torch.Tensor:
     return (x.float().mean(1, keepdim=True) > 0).float()
 
 
+def layout_map(img: torch.Tensor, size) -> torch.Tensor:
+    """Foreground occupancy of images ``[B, 3, H, W]`` in 0..255 pooled to ``size`` (1 = mostly shape)."""
+    background = torch.tensor([245.0, 245.0, 240.0], device=img.device).view(1, 3, 1, 1)
+    fg = ((img.float() - background).abs().amax(1, keepdim=True) > 40).float()
+    return (F.adaptive_avg_pool2d(fg, size) > 0.25).float()
+
+
 def layout_control(run: Run, x: torch.Tensor) -> torch.Tensor:
     """Foreground occupancy of the decoded image at latent resolution (shapes: the layout map)."""
     vae = run.extra["vae"]
     with torch.no_grad():
         img = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0].float()
-    img = (img.clamp(-1, 1) + 1) * 127.5
-    background = torch.tensor([245.0, 245.0, 240.0], device=img.device).view(1, 3, 1, 1)
-    fg = ((img - background).abs().amax(1, keepdim=True) > 40).float()
-    return (F.adaptive_avg_pool2d(fg, x.shape[-2:]) > 0.25).float()
+    return layout_map((img.clamp(-1, 1) + 1) * 127.5, x.shape[-2:])
 
 
 CONTROLS = {"latent-sign": latent_sign_control, "layout": layout_control}
