@@ -357,6 +357,16 @@ def _json_safe(value):
     return value
 
 
+def write_report(result: dict, markdown: str, out_dir: str | os.PathLike, stem: str) -> Path:
+    """Write ``STEM.json`` (the result) and ``STEM.md`` (``markdown``) into ``out_dir``; returns the JSON path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
+    return path
+
+
 def write_results(result: dict, out_dir: str | os.PathLike = "benchmarks/results", command: str = "") -> Path:
     """Write ``SUITE.json`` and ``SUITE.md``; returns the JSON path. PSNR ``null`` = identical output."""
     out_dir = Path(out_dir)

@@ -13,7 +13,6 @@ this run. A student folder with ``router.json`` loads as a multi-student pipelin
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -152,12 +151,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(result: dict, out_dir="benchmarks/results", name: str = "one-step-shapes-t2i") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result))
-    return out / f"{name}.json"
+def write(result: dict, out_dir="benchmarks/results") -> Path:
+    from accel.bench import write_report
+
+    return write_report(result, markdown(result), out_dir, "one-step-shapes-t2i")
 
 
 def run_control(student: str, adapter: str, teacher: str = "shapes-t2i", n: int = 200, batch: int = 8,

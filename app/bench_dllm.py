@@ -17,7 +17,6 @@ same batch size and prompt setting.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -120,8 +119,6 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out_dir="benchmarks/results") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dllm.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "dllm.md").write_text(markdown(result))
-    return out / "dllm.json"
+    from accel.bench import write_report
+
+    return write_report(result, markdown(result), out_dir, "dllm")

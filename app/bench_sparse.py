@@ -253,9 +253,6 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out_dir: str = "benchmarks/results") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "sparse-kernel.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
-    return path
+    from accel.bench import write_report
+
+    return write_report(result, markdown(result), out_dir, "sparse-kernel")

@@ -25,63 +25,52 @@ import shlex
 import sys
 
 
+def _special_suite(args: argparse.Namespace):
+    """Suites outside the caching harness: (run, markdown, file stem), an error message, or None."""
+    progress = not args.quiet
+    if args.suite == "dllm":
+        from app import bench_dllm as m
+
+        return (lambda: m.run(n=args.prompts or 64, progress=progress, path=args.path)), m.markdown, "dllm"
+    if args.suite == "one-step":
+        if not args.path:
+            return "one-step needs --path LABEL=STUDENT_FOLDER[,...] (e.g. dmd=runs/dmd/pipeline)"
+        from app import bench_distill as m
+
+        return (lambda: m.run(args.path, n=args.prompts or 200, runs=args.runs or 5, progress=progress),
+                m.markdown, "one-step-shapes-t2i")
+    if args.suite == "nct-control":
+        if not (args.path and args.adapter):
+            return "nct-control needs --path STUDENT_FOLDER --adapter ADAPTER_FOLDER"
+        from app import bench_distill as m
+
+        return (lambda: m.run_control(args.path, args.adapter, n=args.prompts or 200, progress=progress),
+                m.control_markdown, "nct-control-shapes-t2i")
+    if args.suite == "sparse-kernel":
+        from app import bench_sparse as m
+
+        return (lambda: m.run(shape=args.shape, dtype=args.dtype)), m.markdown, "sparse-kernel"
+    return None
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from accel.bench import run_bench, write_results
+    from accel.bench import run_bench, write_report, write_results
     from app.bench_suites import SUITES
 
-    if args.suite == "dllm":
-        from app import bench_dllm
-
+    special = _special_suite(args)
+    if isinstance(special, str):
+        print(special, file=sys.stderr)
+        return 2
+    if special is not None:
+        run, markdown, stem = special
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = bench_dllm.run(n=args.prompts or 64, progress=not args.quiet, path=args.path)
+        result = run()
         result["command"] = "accel " + shlex.join(sys.argv[1:])
-        path = bench_dllm.write(result, args.out)
-        print(bench_dllm.markdown(result))
-        print(f"wrote {path} and {path.with_suffix('.md')}")
-        return 0
-    if args.suite == "one-step":
-        from app import bench_distill
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if not args.path:
-            print("one-step needs --path LABEL=STUDENT_FOLDER[,...] (e.g. dmd=runs/dmd/pipeline)", file=sys.stderr)
-            return 2
-        result = bench_distill.run(args.path, n=args.prompts or 200, runs=args.runs or 5, progress=not args.quiet)
-        result["command"] = "accel " + shlex.join(sys.argv[1:])
-        path = bench_distill.write(result, args.out)
-        print(bench_distill.markdown(result))
-        print(f"wrote {path} and {path.with_suffix('.md')}")
-        return 0
-    if args.suite == "nct-control":
-        import json
-        from pathlib import Path
-
-        from app import bench_distill
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if not (args.path and args.adapter):
-            print("nct-control needs --path STUDENT_FOLDER --adapter ADAPTER_FOLDER", file=sys.stderr)
-            return 2
-        result = bench_distill.run_control(args.path, args.adapter, n=args.prompts or 200, progress=not args.quiet)
-        result["command"] = "accel " + shlex.join(sys.argv[1:])
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "nct-control-shapes-t2i.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "nct-control-shapes-t2i.md").write_text(bench_distill.control_markdown(result))
-        print(bench_distill.control_markdown(result))
-        return 0
-    if args.suite == "sparse-kernel":
-        from app import bench_sparse
-
-        result = bench_sparse.run(shape=args.shape, dtype=args.dtype)
-        result["command"] = "accel " + shlex.join(sys.argv[1:])
-        path = bench_sparse.write(result, args.out)
-        print(bench_sparse.markdown(result))
+        path = write_report(result, markdown(result), args.out, stem)
+        print(markdown(result))
         print(f"wrote {path} and {path.with_suffix('.md')}")
         return 0
     if args.suite not in SUITES:
