@@ -99,7 +99,7 @@ class _CountHook(_compat.ModelHook):
 
 
 class ComputeProbe:
-    """Counts real computations of every cacheable component, and the denoiser's wall time.
+    """Counts real computations of every cacheable component, and the denoiser's calls and wall time.
 
     Create it *before* applying plug-ins: its counting hook then sits innermost on each component,
     so it fires only when the component really runs, whichever plug-in (ours, or diffusers' PAB,
@@ -109,6 +109,7 @@ class ComputeProbe:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.component_calls = 0
+        self.denoiser_calls = 0
         self.denoiser_seconds = 0.0
         self._t0 = 0.0
         self._modules = [slot.module for slot in get_adapter(model).slots(model)]
@@ -128,6 +129,7 @@ class ComputeProbe:
     def _stop(self, *_):
         self._sync()
         self.denoiser_seconds += time.perf_counter() - self._t0
+        self.denoiser_calls += 1
 
     def close(self):
         for module in self._modules:

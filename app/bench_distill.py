@@ -7,7 +7,7 @@ Quality: the shapes evaluator on the first N held-out prompts (seed i for prompt
 its default 20 steps and CFG, each student in one step without CFG): per-attribute adherence, the
 fully-correct rate (``evaluator_accuracy``) and the Fréchet distance to real renders. Speed, batch 1,
 median over ``runs`` interleaved rounds of a few prompts: end-to-end latency and *denoiser time*
-(wall time inside the transformer's forward calls, measured by forward hooks). Ratios are within
+(wall time inside the transformer's forward calls, read by :class:`accel.bench.ComputeProbe`). Ratios are within
 this run. A student folder with ``router.json`` loads as a multi-student pipeline.
 """
 
@@ -19,31 +19,7 @@ from pathlib import Path
 
 import torch
 
-from accel.bench import hardware
-
-
-class _DenoiserClock:
-    """Sums the wall time spent inside the forward calls of some modules (hooks, removable)."""
-
-    def __init__(self, modules):
-        self.total, self.calls, self._start, self._handles = 0.0, 0, None, []
-        for m in modules:
-            self._handles.append(m.register_forward_pre_hook(self._pre))
-            self._handles.append(m.register_forward_hook(self._post))
-
-    def _pre(self, module, args):
-        self._start = time.perf_counter()
-
-    def _post(self, module, args, output):
-        self.total += time.perf_counter() - self._start
-        self.calls += 1
-
-    def reset(self):
-        self.total, self.calls = 0.0, 0
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
+from accel.bench import ComputeProbe, hardware
 
 
 def _load_student(path: str):
@@ -75,11 +51,11 @@ def run(paths: str, teacher: str = "shapes-t2i", n: int = 200, runs: int = 5, ti
     from pipelines.zoo import load_reference
     from pipelines.zoo.scoring import EVAL_CALL, evaluate_pipeline, heldout_prompts
 
-    rows = [("teacher (20 steps, CFG)", load_reference(teacher), {}, None)]
+    base = load_reference(teacher)
+    rows = [("teacher (20 steps, CFG)", base, {}, [base.transformer])]
     for label, path in _parse_paths(paths):
         pipe, nets = _load_student(path)
         rows.append((label, pipe, {"num_inference_steps": 1, "guidance_scale": 1.0}, nets))
-    rows[0] = rows[0][:3] + ([rows[0][1].transformer],)
     results = []
     for label, pipe, call, _ in rows:
         pipe.set_progress_bar_config(disable=True)
@@ -89,7 +65,7 @@ def run(paths: str, teacher: str = "shapes-t2i", n: int = 200, runs: int = 5, ti
                         "attributes": report["attributes"], "frechet": report["frechet"],
                         "real_frechet_floor": report["real_frechet_floor"]})
     prompts = heldout_prompts(teacher, timing_prompts)
-    clocks = [_DenoiserClock(nets) for *_, nets in rows]
+    probes = [[ComputeProbe(net) for net in nets] for *_, nets in rows]    # denoiser calls and time
     lat: list[list[float]] = [[] for _ in rows]
     den: list[list[float]] = [[] for _ in rows]
     calls = [0] * len(rows)
@@ -97,17 +73,18 @@ def run(paths: str, teacher: str = "shapes-t2i", n: int = 200, runs: int = 5, ti
         for r in range(runs + 1):                 # round 0 warms up; rounds interleave the methods
             for i, (_, pipe, call, _) in enumerate(rows):
                 for k, prompt in enumerate(prompts):
-                    clocks[i].reset()
+                    for probe in probes[i]:
+                        probe.denoiser_seconds, probe.denoiser_calls = 0.0, 0
                     t = time.perf_counter()
                     with torch.inference_mode():
                         pipe(prompt, generator=torch.Generator().manual_seed(k), **call)
                     if r:
                         lat[i].append(time.perf_counter() - t)
-                        den[i].append(clocks[i].total)
-                        calls[i] = clocks[i].calls
+                        den[i].append(sum(probe.denoiser_seconds for probe in probes[i]))
+                        calls[i] = sum(probe.denoiser_calls for probe in probes[i])
     finally:
-        for c in clocks:
-            c.remove()
+        for probe in (p for group in probes for p in group):
+            probe.close()
     base_lat, base_den = statistics.median(lat[0]), statistics.median(den[0])
     for i, res in enumerate(results):
         res["latency_s"] = statistics.median(lat[i])
@@ -163,6 +140,7 @@ def run_control(student: str, adapter: str, teacher: str = "shapes-t2i", n: int 
     scene's real render as the control. Position accuracy (read back by the evaluator against the
     scene) is the control adherence; colour/shape/size accuracy is the caption adherence. The plain
     student on the same prompts and seeds is the reference."""
+    import contextlib
     import dataclasses
 
     import numpy as np
@@ -196,12 +174,9 @@ def run_control(student: str, adapter: str, teacher: str = "shapes-t2i", n: int 
         for key in outs:
             gens = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
             kw = dict(generator=gens, output_type="np", num_inference_steps=1, guidance_scale=1.0)
-            with torch.inference_mode():
-                if key == "controlled":
-                    with ctrl_adapter.attached(net, ctrl):
-                        images = pipe(unplaced[i:i + batch], **kw).images
-                else:
-                    images = pipe(unplaced[i:i + batch], **kw).images
+            attach = ctrl_adapter.attached(net, ctrl) if key == "controlled" else contextlib.nullcontext()
+            with torch.inference_mode(), attach:
+                images = pipe(unplaced[i:i + batch], **kw).images
             images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
             outs[key] += list(images)
             if key == "controlled":

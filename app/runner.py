@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import accel
-from pipelines.zoo import REFERENCES as REFERENCE  # models with shipped schedules/profiles and an evaluator
+from pipelines.zoo import REFERENCES  # models with shipped schedules/profiles and an evaluator
 
 LIMITS = {"steps": (1, 50), "size": (64, 512), "frames": (1, 33), "gen_length": (32, 256)}
 IMAGE_MODELS = ("shapes-t2i", "tiny")
@@ -149,10 +149,10 @@ class Runner:
         from caching.ertacache import ERTACacheConfig
 
         if method == "ECAD":
-            return [_ecad_label(c) for c in shipped_schedules(model)] if model in REFERENCE else []
+            return [_ecad_label(c) for c in shipped_schedules(model)] if model in REFERENCES else []
         if method == "ERTACache":
             return [f"reuse {c.reuse_fraction:.0%} ({c.mask})" for c in
-                    shipped_schedules(model, "profiles", ERTACacheConfig)] if model in REFERENCE else []
+                    shipped_schedules(model, "profiles", ERTACacheConfig)] if model in REFERENCES else []
         if method.startswith("StaticCache"):
             return ["interval 2", "interval 3", "interval 4"]
         if method == "FirstBlockCache":
@@ -194,7 +194,7 @@ class Runner:
 
         if setting and Path(setting).is_file():
             return cls.load(setting)
-        shipped = shipped_schedules(model, kind, cls) if model in REFERENCE else []
+        shipped = shipped_schedules(model, kind, cls) if model in REFERENCES else []
         labels = [_ecad_label(c) for c in shipped] if kind == "schedules" else \
             [f"reuse {c.reuse_fraction:.0%} ({c.mask})" for c in shipped]
         if not shipped:

@@ -188,14 +188,17 @@ def _with_shots(tasks: list[Task], pool: list[Task], recipe: DLMRecipe, gen: tor
     return out
 
 
+def _cosine(base: float, frac: float) -> float:
+    """Cosine decay from ``base`` to 5% of it over ``frac`` in [0, 1]."""
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
 def _lr(step: int, recipe: DLMRecipe) -> float:
     if step >= recipe.steps:       # stage 2 (long contexts)
-        frac = (step - recipe.steps) / max(1, recipe.few_shot_steps)
-        return recipe.few_shot_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        return _cosine(recipe.few_shot_lr, (step - recipe.steps) / max(1, recipe.few_shot_steps))
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
-    frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    return _cosine(recipe.lr, (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup))
 
 
 def evaluate(pipe, n: int = 200, batch: int = 32, progress: bool = False, **call) -> dict:
