@@ -238,8 +238,8 @@ def erta_shapes_t2i(schedules: str | None = None) -> Suite:
 
 
 def sparse_shapes_t2v(schedules: str | None = None) -> Suite:
-    """Sparse-vDiT on shapes-t2v: plans searched on calibration prompts (block 32: 16 blocks over the
-    512 video tokens) at three predicted attention costs, against uniform diag and mdiag plans of
+    """Sparse-vDiT on shapes-t2v: plans searched on calibration prompts (block 32: 18 blocks over the
+    576 video tokens) at three predicted attention costs, against uniform diag and mdiag plans of
     similar density. Quality = PSNR vs dense on held-out prompts and evaluator accuracy; density from
     each plan. On CPU the processors run the blockwise reference, so speedups here are not kernel
     speedups (those come from `accel bench sparse-kernel` on a GPU)."""

@@ -156,7 +156,7 @@ def build_demo(runner: Runner | None = None):
             with gr.Row():
                 v_seed = gr.Number(0, precision=0, label="seed")
                 v_steps = gr.Slider(lo, hi, value=20, step=1, label="steps")
-                v_frames = gr.Slider(*LIMITS["frames"], value=29, step=4, label="frames")
+                v_frames = gr.Slider(*LIMITS["frames"], value=17, step=4, label="frames")
                 v_run = gr.Button("Run", variant="primary", elem_id="run-video")
             v_status = gr.Markdown()
             with gr.Row():

@@ -151,7 +151,7 @@ class Runner:
         if method == "ECAD":
             return [_ecad_label(c) for c in shipped_schedules(model)] if model in REFERENCES else []
         if method == "ERTACache":
-            return [f"reuse {c.reuse_fraction:.0%} ({c.mask})" for c in
+            return [_erta_label(c) for c in
                     shipped_schedules(model, "profiles", ERTACacheConfig)] if model in REFERENCES else []
         if method.startswith("StaticCache"):
             return ["interval 2", "interval 3", "interval 4"]
@@ -195,8 +195,7 @@ class Runner:
         if setting and Path(setting).is_file():
             return cls.load(setting)
         shipped = shipped_schedules(model, kind, cls) if model in REFERENCES else []
-        labels = [_ecad_label(c) for c in shipped] if kind == "schedules" else \
-            [f"reuse {c.reuse_fraction:.0%} ({c.mask})" for c in shipped]
+        labels = [(_ecad_label if kind == "schedules" else _erta_label)(c) for c in shipped]
         if not shipped:
             raise AppError(f"no shipped {cls.__name__} for {model!r}: type the path of a schedule/profile file made "
                            f"for this model (`accel ecad search` / `accel erta profile`)")
@@ -454,6 +453,11 @@ class Runner:
                 points.append({"method": h["method"], "speedup": h["speedup"], quality: h["quality"],
                                "source": "live"})
         return points
+
+
+def _erta_label(cfg) -> str:
+    """A profile by its reuse fraction and mask (C: compute, R: reuse)."""
+    return f"reuse {cfg.reuse_fraction:.0%} ({cfg.mask})"
 
 
 def _ecad_label(cfg) -> str:

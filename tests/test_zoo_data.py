@@ -12,7 +12,17 @@ from pipelines.zoo.evaluate import (
     score_clips,
     score_images,
 )
-from pipelines.zoo.shapes import HELDOUT_TRIPLES, caption, render_clip, render_image, sample_scenes
+from pipelines.zoo.shapes import (
+    CELLS,
+    DIRECTIONS,
+    HELDOUT_TRIPLES,
+    MAX_OBJECTS,
+    SPLIT_SIZES,
+    caption,
+    render_clip,
+    render_image,
+    sample_scenes,
+)
 
 
 def _novel(scene):
@@ -42,9 +52,20 @@ def test_splits_are_disjoint_and_heldout_has_novel_combinations():
 
 def test_clip_splits_have_the_training_object_count_and_stay_disjoint():
     train = sample_scenes("train", 2000, video=True)
-    held = sample_scenes("heldout", 300, video=True)
-    assert max(len(s.objects) for s in held) == max(len(s.objects) for s in train) == 2
-    assert not {s.key() for s in train} & {s.key() for s in held}
+    held = sample_scenes("heldout", SPLIT_SIZES[True]["heldout"], video=True)
+    calib = sample_scenes("calibration", SPLIT_SIZES[True]["calibration"], video=True)
+    assert max(len(s.objects) for s in held) == max(len(s.objects) for s in train) == MAX_OBJECTS[True]
+    assert not {s.key() for s in train} & ({s.key() for s in held} | {s.key() for s in calib})
+    # every direction and cell still reaches training
+    assert {o.direction for s in train for o in s.objects} == set(DIRECTIONS)
+    assert {o.cell for s in train for o in s.objects} == set(CELLS)
+
+
+def test_fixed_splits_refuse_scenes_past_their_list():
+    n = SPLIT_SIZES[True]["heldout"]
+    assert len(sample_scenes("heldout", 1, start=n - 1, video=True)) == 1
+    with pytest.raises(ValueError, match="heldout split has 256 clip scenes"):
+        sample_scenes("heldout", 2, start=n - 1, video=True)
 
 
 def test_caption_round_trips_through_the_parser():

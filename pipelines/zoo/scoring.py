@@ -18,7 +18,7 @@ from .shapes import caption, render_clip, render_image, sample_scenes
 # call settings of each reference model's evaluation (the pipeline defaults, made explicit)
 EVAL_CALL = {
     "shapes-t2i": {"num_inference_steps": 20},
-    "shapes-t2v": {"num_inference_steps": 20, "height": 128, "width": 128, "num_frames": 29},
+    "shapes-t2v": {"num_inference_steps": 20, "height": 128, "width": 128, "num_frames": 17},
 }
 
 

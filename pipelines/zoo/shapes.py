@@ -5,8 +5,9 @@
     >>> caption(scene)                                   # e.g. 'a large red circle at the top left'
     >>> render_image(scene).shape                        # (256, 256, 3) uint8
 
-A scene holds one to three objects, each in its own cell of a 3 x 3 grid. An object has a shape,
-a colour, a size and a cell (its position); in clips it also moves in a direction. Everything is
+An image scene holds one to three objects and a clip one (:data:`MAX_OBJECTS`), each in its own
+cell of a 3 x 3 grid. An object has a shape, a colour, a size and a cell (its position); in clips
+it also moves in a direction. Everything is
 drawn from a seeded generator, so the same (split, index) always gives the same scene.
 
 Splits are disjoint by construction: every split draws from its own seed stream, training scenes
@@ -52,8 +53,13 @@ HELDOUT_TRIPLES = (
 )
 
 SPLIT_SEEDS = {"train": 1_000_003, "calibration": 2_000_029, "heldout": 3_000_017}
-SPLIT_SIZES = {"calibration": 256, "heldout": 1024}   # the fixed lists the training split must avoid
-MAX_OBJECTS = {False: 3, True: 2}   # objects per scene: images 1-3, clips 1-2 (the default of every split)
+# the fixed lists the training split must avoid, per kind (False: images, True: clips). One-object clips
+# have only 1296 layouts (6 colours x 3 shapes x 2 sizes x 9 cells x 4 directions), so their lists are
+# shorter: the 320 reserved layouts leave three quarters of the layouts to training
+SPLIT_SIZES = {False: {"calibration": 256, "heldout": 1024}, True: {"calibration": 64, "heldout": 256}}
+# objects per scene, the default of every split: images 1-3; clips one moving object, which the CPU
+# training budget can learn (two-object clips trained to chance level, see docs/reference_models.md)
+MAX_OBJECTS = {False: 3, True: 1}
 
 
 def cell_phrase(cell: tuple[int, int]) -> str:
@@ -153,7 +159,7 @@ def _draw_scene(rng: np.random.Generator, *, video: bool, max_objects: int, part
 def _reserved_keys(video: bool) -> frozenset:
     keys = set()
     for split in ("calibration", "heldout"):
-        keys.update(s.key() for s in sample_scenes(split, SPLIT_SIZES[split], video=video))
+        keys.update(s.key() for s in sample_scenes(split, SPLIT_SIZES[video][split], video=video))
     return frozenset(keys)
 
 
@@ -171,6 +177,10 @@ def sample_scenes(split: str, n: int, *, start: int = 0, video: bool = False,
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if split != "train" and partial:
         raise ValueError("partial captions are for the training split only")
+    if split != "train" and start + n > SPLIT_SIZES[video][split]:
+        kind = "clip" if video else "image"
+        raise ValueError(f"the {split} split has {SPLIT_SIZES[video][split]} {kind} scenes; asked for "
+                         f"scenes {start}..{start + n - 1} (training only avoids the listed ones)")
     if max_objects is None:
         max_objects = MAX_OBJECTS[video]
     reserved = _reserved_keys(video) if split == "train" else frozenset()

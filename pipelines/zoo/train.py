@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .recipes import RECIPES, Recipe, assemble, build_components
-from .shapes import caption, render_clip, render_image, sample_scenes
+from .shapes import BACKGROUND, caption, render_clip, render_image, sample_scenes
 
 
 def _atomic_dir_write(target: Path, write) -> None:
@@ -76,8 +76,18 @@ def _video(r: Recipe) -> bool:
 
 # --------------------------------------------------------------------------- stage 1: VAE
 
+_BACKGROUND = torch.tensor(BACKGROUND, dtype=torch.float32) / 127.5 - 1.0
+
+
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel of `x` (N, 3, ...) in [-1, 1] differs from the background colour, else 0."""
+    bg = _BACKGROUND.view(1, 3, *([1] * (x.ndim - 2)))
+    return ((x - bg).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)
+
+
 def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
-    """Train the autoencoder on training scenes (reconstruction L1 + MSE, a tiny pull on latent size)."""
+    """Train the autoencoder on training scenes (reconstruction L1 + MSE, object pixels weighted by
+    `1 + vae_fg_weight`, a tiny pull on latent size)."""
     ckpt = work / "vae"
     if (ckpt / "done").exists():
         vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
@@ -112,7 +122,12 @@ def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
         # decode the posterior mean: sampling with the initial unit variance drowns the latents in
         # noise and the decoder learns to ignore colour; the diffusion model is trained on the mean too
         rec = vae.decode(post.mode()).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.mean.pow(2).mean()
+        err = (rec - x).abs() + (rec - x).pow(2)
+        if r.vae_fg_weight:
+            # one small object covers a few percent of a clip: without weighting, a decoder that
+            # paints only background reaches a low loss first and stays there for hundreds of steps
+            err = err * (1 + r.vae_fg_weight * _foreground(x))
+        loss = err.mean() + 1e-6 * post.mean.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
