@@ -296,7 +296,11 @@ class Runner:
         if not (prompt or "").strip():
             raise AppError("enter a prompt")
         pipe = self.warm("video", model)
-        call = dict(pipe.tiny_call_kwargs) if model == "tiny-wan" else {}
+        from pipelines.zoo.scoring import EVAL_CALL
+
+        # the reference model's training text length; frames, size and steps come from the controls
+        call = dict(pipe.tiny_call_kwargs) if model == "tiny-wan" else \
+            {k: v for k, v in EVAL_CALL.get(model, {}).items() if k == "max_sequence_length"}
         if model == "tiny-wan":
             call.update(height=64, width=96, num_frames=9)
         if frames:

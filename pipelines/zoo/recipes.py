@@ -35,6 +35,11 @@ class Recipe:
     text_layers: int = 2
     text_heads: int = 4
     text_max_length: int = 40                   # training length; the pipeline pads further, masked
+    # Wan only: the text length the denoiser is trained at (WanPipeline's `max_sequence_length`; None:
+    # the pipeline's default, 512). Wan's cross-attention has no text mask, so every padding position is
+    # a key of its own: 500 of them drown the ten words of a caption (qk-normed logits differ by at most
+    # about sqrt(head_dim))
+    text_pad_length: int | None = None
     # denoiser
     layers: int = 6
     heads: int = 6
@@ -62,6 +67,7 @@ class Recipe:
     batch: int = 32
     lr: float = 3e-4
     warmup: int = 200
+    flow_uniform: float = 0.0                   # rectified flow: share of noise levels drawn uniformly
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
@@ -81,7 +87,7 @@ RECIPES: dict[str, Recipe] = {
         name="shapes-t2v", kind="t2v", image_size=128, frames=17, layers=4, heads=4, head_dim=32,
         vae_channels=(8, 16, 32, 32), latent_channels=16, vae_temporal=(False, False, True),
         vae_fg_weight=9.0, vae_steps=1500, vae_batch=4, vae_crop=64, vae_frames=9,
-        train_scenes=3000, steps=6000, batch=8,
+        train_scenes=3000, steps=6000, batch=8, flow_uniform=0.5, text_pad_length=40,
     ),
 }
 

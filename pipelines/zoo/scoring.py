@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from .evaluate import as_clip, as_image, features, frechet_distance, score_clips, score_images
 from .shapes import caption, render_clip, render_image, sample_scenes
 
-# call settings of each reference model's evaluation (the pipeline defaults, made explicit)
+# call settings of each reference model's evaluation: the size the model was trained at (WanPipeline's
+# defaults are 480 x 832, 81 frames and 512 text positions)
 EVAL_CALL = {
     "shapes-t2i": {"num_inference_steps": 20},
-    "shapes-t2v": {"num_inference_steps": 20, "height": 128, "width": 128, "num_frames": 17},
+    "shapes-t2v": {"num_inference_steps": 20, "height": 128, "width": 128, "num_frames": 17,
+                   "max_sequence_length": 40},
 }
 
 

@@ -192,7 +192,7 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
     if _video(r):
         # WanPipeline zeroes the embeddings past each prompt and pads them to its max_sequence_length
         emb = emb * mask.unsqueeze(-1).to(emb.dtype)
-        emb = F.pad(emb, (0, 0, 0, _wan_text_length() - emb.shape[1]))
+        emb = F.pad(emb, (0, 0, 0, (r.text_pad_length or _wan_text_length()) - emb.shape[1]))
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
     sched = parts["scheduler"]
@@ -203,6 +203,10 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
         timestep = t
     else:                                                          # rectified flow
         s = torch.sigmoid(torch.randn(b, generator=gen))
+        if r.flow_uniform:
+            # logit-normal levels rarely exceed 0.9, where sampling starts and the layout is decided
+            uniform = torch.rand(b, generator=gen) < r.flow_uniform
+            s = torch.where(uniform, torch.rand(b, generator=gen), s)
         sv = s.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - sv) * x0 + sv * noise
         target = noise - x0
