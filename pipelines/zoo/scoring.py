@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate import as_clip, as_image, features, frechet_distance, score_clips, score_images
+from .recipes import RECIPES
 from .shapes import caption, render_clip, render_image, sample_scenes
 
 # call settings of each reference model's evaluation: the size the model was trained at (WanPipeline's
@@ -20,7 +21,7 @@ from .shapes import caption, render_clip, render_image, sample_scenes
 EVAL_CALL = {
     "shapes-t2i": {"num_inference_steps": 20},
     "shapes-t2v": {"num_inference_steps": 20, "height": 128, "width": 128, "num_frames": 17,
-                   "max_sequence_length": 40},
+                   "max_sequence_length": RECIPES["shapes-t2v"].text_pad_length},
 }
 
 

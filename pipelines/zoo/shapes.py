@@ -7,8 +7,8 @@
 
 An image scene holds one to three objects and a clip one (:data:`MAX_OBJECTS`), each in its own
 cell of a 3 x 3 grid. An object has a shape, a colour, a size and a cell (its position); in clips
-it also moves in a direction. Everything is
-drawn from a seeded generator, so the same (split, index) always gives the same scene.
+it also moves in a direction. Everything is drawn from a seeded generator, so the same
+(split, index) always gives the same scene.
 
 Splits are disjoint by construction: every split draws from its own seed stream, training scenes
 whose layout (objects without jitter) appears in the calibration or held-out lists are rejected,
