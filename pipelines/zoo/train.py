@@ -280,6 +280,12 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r.steps, r.lr, r.warmup)
         loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen)
+        if r.image_batch and _video(r):
+            idx = torch.randint(0, n, (r.image_batch,), generator=gen)
+            drop = torch.rand(r.image_batch, generator=gen) < r.caption_dropout
+            texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+            loss = loss + denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"],
+                                        latents[idx, :, :1], texts, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr")
         opt.zero_grad(set_to_none=True)
