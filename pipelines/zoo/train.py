@@ -192,6 +192,7 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
     if _video(r):
         # WanPipeline zeroes the embeddings past each prompt and pads them to its max_sequence_length
         emb = emb * mask.unsqueeze(-1).to(emb.dtype)
+        # (a negative pad cuts: WanPipeline truncates its prompts at that length too)
         emb = F.pad(emb, (0, 0, 0, (r.text_pad_length or _wan_text_length()) - emb.shape[1]))
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=gen)
