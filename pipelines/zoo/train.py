@@ -208,6 +208,7 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
             # logit-normal levels rarely exceed 0.9, where sampling starts and the layout is decided
             uniform = torch.rand(b, generator=gen) < r.flow_uniform
             s = torch.where(uniform, torch.rand(b, generator=gen), s)
+        s = r.flow_shift * s / (1 + (r.flow_shift - 1) * s)
         sv = s.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - sv) * x0 + sv * noise
         target = noise - x0
