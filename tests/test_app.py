@@ -6,11 +6,11 @@ import socket
 import pytest
 
 from app.runner import AppError, Runner
-from pipelines.zoo import WEIGHTS
+from pipelines.zoo import is_shipped
 
 PROMPT = "a large red circle at the left"
 # the Video tab runs on the trained Wan model once it is shipped, on the random tiny one until then
-T2V_SHIPPED = (WEIGHTS / "shapes-t2v" / "model_index.json").exists()
+T2V_SHIPPED = is_shipped("shapes-t2v")
 VIDEO_MODEL = "shapes-t2v" if T2V_SHIPPED else "tiny-wan"
 
 

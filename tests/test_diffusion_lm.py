@@ -5,6 +5,7 @@ import torch
 
 import accel
 from pipelines.diffusion_lm import DiffusionLMPipeline, _quotas
+from pipelines.zoo import is_shipped
 from pipelines.zoo.dlm import (
     DLMRecipe,
     batch_of,
@@ -136,13 +137,7 @@ def test_dllm_bench_harness_on_a_tiny_model(tmp_path):
     assert "| 1 | decode R=8 |" in out.with_suffix(".md").read_text()
 
 
-def _shipped() -> bool:
-    from pipelines.zoo import WEIGHTS
-
-    return (WEIGHTS / "dlm-tasks" / "config.json").exists()
-
-
-@pytest.mark.skipif(not _shipped(), reason="dlm-tasks weights are not shipped")
+@pytest.mark.skipif(not is_shipped("dlm-tasks"), reason="dlm-tasks weights are not shipped")
 def test_shipped_dlm_tasks_loads_and_answers_held_out_tasks():
     from pipelines.zoo import load_reference
     from pipelines.zoo.dlm import evaluate

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipelines.zoo import is_shipped
 from pipelines.zoo.recipes import tiny_recipe
 from pipelines.zoo.train import train
 
@@ -97,12 +98,6 @@ def test_load_reference_errors():
         load_reference("shapes-xyz")
 
 
-def _shipped(name):
-    from pipelines.zoo import WEIGHTS
-
-    return (WEIGHTS / name / "model_index.json").exists()
-
-
 def test_shipped_weights_fit_the_budget():
     from pipelines.zoo import WEIGHTS
 
@@ -114,7 +109,7 @@ def test_shipped_shapes_t2i_default_call_and_adherence():
     from pipelines.zoo import load_reference
     from pipelines.zoo.scoring import evaluate_pipeline
 
-    assert _shipped("shapes-t2i"), "shapes-t2i weights are missing from pipelines/zoo/weights"
+    assert is_shipped("shapes-t2i"), "shapes-t2i weights are missing from pipelines/zoo/weights"
     pipe = load_reference("shapes-t2i")
     assert type(pipe).__name__ == "PixArtAlphaPipeline"
     image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]   # every default
@@ -124,7 +119,7 @@ def test_shipped_shapes_t2i_default_call_and_adherence():
     assert report["overall"] >= 0.4, report["attributes"]      # chance is about 0.28
 
 
-@pytest.mark.skipif(not _shipped("shapes-t2v"), reason="shapes-t2v is not trained and shipped yet")
+@pytest.mark.skipif(not is_shipped("shapes-t2v"), reason="shapes-t2v is not trained and shipped yet")
 def test_shipped_shapes_t2v_generates_and_adheres():
     from pipelines.zoo import load_reference
     from pipelines.zoo.scoring import evaluate_pipeline

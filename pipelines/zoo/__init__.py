@@ -18,13 +18,18 @@ REFERENCES = ("shapes-t2i", "shapes-t2v")  # diffusers pipelines
 TEXT_REFERENCES = ("dlm-tasks",)  # diffusion LMs (a DiffusionLMPipeline over transformers weights)
 
 
+def is_shipped(name: str) -> bool:
+    """Whether this installation holds the weights of reference model `name`."""
+    marker = "config.json" if name in TEXT_REFERENCES else "model_index.json"
+    return (WEIGHTS / name / marker).exists()
+
+
 def reference_path(name: str) -> Path:
     """Folder of a shipped reference model; a clear error when it is unknown or not shipped."""
     if name not in REFERENCES + TEXT_REFERENCES:
         raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(REFERENCES + TEXT_REFERENCES)}")
     path = WEIGHTS / name
-    marker = "config.json" if name in TEXT_REFERENCES else "model_index.json"
-    if not (path / marker).exists():
+    if not is_shipped(name):
         raise FileNotFoundError(
             f"reference model {name!r} is not in this installation ({path}); "
             f"train it with `accel zoo train {name}` and pass the folder it writes"
