@@ -274,18 +274,21 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
     n = len(captions)
     bar = tqdm(range(start, r.steps), initial=start, total=r.steps, desc=f"{r.name} denoiser", disable=not progress)
     t0, losses = time.time(), []
+
+    def draw(size: int, gen: torch.Generator):
+        """`size` training indices and their captions, each dropped to "" with the dropout rate."""
+        idx = torch.randint(0, n, (size,), generator=gen)
+        drop = torch.rand(size, generator=gen) < r.caption_dropout
+        return idx, ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+
     for step in bar:
         gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (r.batch,), generator=gen)
-        drop = torch.rand(r.batch, generator=gen) < r.caption_dropout
-        texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        idx, texts = draw(r.batch, gen)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r.steps, r.lr, r.warmup)
         loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen)
         if r.image_batch and _video(r):
-            idx = torch.randint(0, n, (r.image_batch,), generator=gen)
-            drop = torch.rand(r.image_batch, generator=gen) < r.caption_dropout
-            texts = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+            idx, texts = draw(r.image_batch, gen)
             loss = loss + denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"],
                                         latents[idx, :, :1], texts, gen)
         if not torch.isfinite(loss):
