@@ -73,8 +73,8 @@ class Recipe:
     # pure noise, the t2v model at 4000 steps drew empty clips, yet from 90 % noise on a training clip it
     # drew the object where the caption said: the layout is decided at the highest levels
     flow_shift: float = 1.0
-    # Wan only: single-frame samples added to every step (the first latent frame of training clips, which
-    # the causal Wan VAE encodes on its own): joint image-video training, 64 tokens a sample instead of 576
+    # Wan only: single-frame samples added to every step (one later latent frame of a training clip,
+    # drawn at random): joint image-video training, 64 tokens a sample instead of 576
     image_batch: int = 0
     ema_decay: float = 0.999
     checkpoint_every: int = 250

@@ -289,8 +289,12 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
         loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen)
         if r.image_batch and _video(r):
             idx, texts = draw(r.image_batch, gen)
+            # a later latent frame of each clip: the causal VAE's first one carries the object weakly
+            # (its spread across clips is a fifth of the later frames'); objects stay in their cell
+            t = latents.shape[2]
+            frame = torch.randint(min(1, t - 1), t, (r.image_batch,), generator=gen)
             loss = loss + denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"],
-                                        latents[idx, :, :1], texts, gen)
+                                        latents[idx, :, frame].unsqueeze(2), texts, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr")
         opt.zero_grad(set_to_none=True)
