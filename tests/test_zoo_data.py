@@ -118,6 +118,12 @@ def test_clip_evaluator_reads_motion():
     assert rep["image_accuracy"] >= 0.9
     reversed_rep = score_clips([c[::-1] for c in clips], prompts)
     assert reversed_rep["attributes"]["direction"] < 0.1
+    # a first frame without the object (the Wan VAE's weak frame 0) does not change the reading
+    blanked = [np.concatenate([np.full_like(c[:1], 245), c[1:]]) for c in clips]
+    assert score_clips(blanked, prompts)["attributes"]["direction"] >= 0.95
+    # an object found in one frame only gives no direction
+    single = [np.concatenate([c[4:5], np.full_like(c[1:], 245)]) for c in clips]
+    assert score_clips(single, prompts)["attributes"]["direction"] < 0.5
 
 
 def test_frechet_distance():

@@ -271,13 +271,14 @@ def _colour_centroid(frame: np.ndarray, colour: str, near) -> np.ndarray | None:
 
 
 def read_direction(clip: np.ndarray, colour: str, cell) -> str:
-    """Direction of travel of the `colour` object around `cell` (forced choice)."""
+    """Direction of travel of the `colour` object around `cell` (forced choice), from the first and
+    the last frame in which it is found: the causal Wan VAE may draw frame 0 without the object."""
     h, w = clip.shape[1:3]
     near = np.array([(cell[1] + 0.5) * w / GRID, (cell[0] + 0.5) * h / GRID], np.float32)
-    a, b = _colour_centroid(clip[0], colour, near), _colour_centroid(clip[-1], colour, near)
-    if a is None or b is None:
+    found = [c for c in (_colour_centroid(f, colour, near) for f in clip) if c is not None]
+    if len(found) < 2:
         return DIRECTIONS[0]
-    dx, dy = b - a
+    dx, dy = found[-1] - found[0]
     if abs(dx) >= abs(dy):
         return "right" if dx > 0 else "left"
     return "down" if dy > 0 else "up"
