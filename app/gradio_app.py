@@ -7,7 +7,7 @@
     >>> demo = build_demo()           # no model is loaded until a tab runs (or the preload thread)
 
 Tabs: Image (``shapes-t2i``, ``tiny``, or a local diffusers folder / cached model id), Video
-(``shapes-t2v`` once shipped, ``tiny-wan``), Text (``dlm-tasks``, ``tiny-dlm``), One-step (teacher
+(``shapes-t2v``, ``tiny-wan``), Text (``dlm-tasks``, ``tiny-dlm``), One-step (teacher
 vs a distilled student folder). One job runs at a time (the queue); steps, resolution, frames and
 generation length are bounded; every error is shown in the tab's status line and the app keeps
 serving. API names for ``gradio_client``: ``/run_image``, ``/run_video``, ``/run_text``,

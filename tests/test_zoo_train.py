@@ -126,6 +126,7 @@ def test_shipped_shapes_t2v_generates_and_adheres():
 
     pipe = load_reference("shapes-t2v")
     assert type(pipe).__name__ == "WanPipeline"
-    report, outputs = evaluate_pipeline(pipe, "shapes-t2v", n=4, progress=False)
-    assert outputs[0].ndim == 4
-    assert report["overall"] >= 0.5, report["attributes"]
+    report, outputs = evaluate_pipeline(pipe, "shapes-t2v", n=8, progress=False)
+    assert outputs[0].shape == (17, 128, 128, 3)
+    # the 100-prompt figure is in benchmarks/results; this guards against a broken or swapped model
+    assert report["overall"] >= 0.45, report["attributes"]     # chance is about 0.27
