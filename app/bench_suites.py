@@ -40,11 +40,16 @@ class Suite:
     compare_peers: tuple | None = None  # families compared against (None: all others)
 
 
-def _diffusers_peers(pixart: bool = True) -> list[BenchEntry]:
+# diffusers' TaylorSeer default patterns full-match "...attn" and so miss PixArt's attn1/attn2 and
+# Wan's attn1/attn2/ffn: the modules it caches, per denoiser
+TAYLOR_IDS = {"pixart": [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"],
+              "wan": [r"^blocks\.\d+\.attn\d$", r"^blocks\.\d+\.ffn$"]}
+
+
+def _diffusers_peers(family: str = "pixart") -> list[BenchEntry]:
     from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
-    # diffusers' TaylorSeer default patterns full-match "...attn" and so miss PixArt's attn1/attn2.
-    taylor_ids = [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"] if pixart else None
+    taylor_ids = TAYLOR_IDS[family]
     return [
         BenchEntry("FirstBlockCache t=0.2", (FirstBlockCacheConfig(threshold=0.2),), peer=True,
                    settings={"threshold": 0.2}),
@@ -95,7 +100,7 @@ def _reference(name: str) -> Suite:
         BenchEntry(f"StaticCache n={n}", (StaticCacheConfig(interval=n, warmup_steps=2),),
                    settings={"interval": n, "warmup_steps": 2})
         for n in (2, 3)
-    ] + _diffusers_peers(pixart=name == "shapes-t2i")
+    ] + _diffusers_peers("wan" if name == "shapes-t2v" else "pixart")
     return Suite(pipe, entries, heldout_prompts(name, 16), dict(EVAL_CALL[name]), runs=5,
                  scorers=bench_scorers(name), notes=(
                      f"Trained reference model {name}: PSNR/SSIM against the uncached output of the same seed; "
@@ -143,7 +148,7 @@ def ecad_shapes_t2i(schedules: str | None = None, k: int = 8) -> Suite:
         entries += [BenchEntry(f"StaticCache n={n} w={warmup}", (StaticCacheConfig(interval=n, warmup_steps=warmup),),
                                family="StaticCache", settings={"interval": n, "warmup_steps": warmup})
                     for n in (2, 3, 4, 5)]
-    taylor_ids = [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"]
+    taylor_ids = TAYLOR_IDS["pixart"]
     entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
                            settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
     entries += [BenchEntry(f"TaylorSeer n={n}", (TaylorSeerCacheConfig(
@@ -233,8 +238,7 @@ def _erta_profiles(name: str, schedules: str | None) -> list:
 def erta_shapes_t2i(schedules: str | None = None) -> Suite:
     """ERTACache on shapes-t2i (the shipped profiles, or those in ``schedules``) against
     FirstBlockCache, MagCache, TaylorSeer and SeaCache, with the three-part ablation."""
-    return _erta_suite("shapes-t2i", _erta_profiles("shapes-t2i", schedules),
-                       [r"^transformer_blocks\.\d+\.attn\d$", r"^transformer_blocks\.\d+\.ff$"])
+    return _erta_suite("shapes-t2i", _erta_profiles("shapes-t2i", schedules), TAYLOR_IDS["pixart"])
 
 
 def sparse_shapes_t2v(schedules: str | None = None) -> Suite:
@@ -285,9 +289,7 @@ def _plan_density(plan) -> float:
 def erta_shapes_t2v(schedules: str | None = None) -> Suite:
     """ERTACache on shapes-t2v (flow-matching Euler: the interval adjustment is exact), the shipped
     profiles or those in ``schedules``, against the same four caches as on shapes-t2i."""
-    # diffusers' TaylorSeer defaults miss Wan's module names
-    return _erta_suite("shapes-t2v", _erta_profiles("shapes-t2v", schedules),
-                       [r"^blocks\.\d+\.attn\d$", r"^blocks\.\d+\.ffn$"])
+    return _erta_suite("shapes-t2v", _erta_profiles("shapes-t2v", schedules), TAYLOR_IDS["wan"])
 
 
 SUITES = {"tiny": tiny, "overhead": overhead, "shapes-t2i": shapes_t2i, "shapes-t2v": shapes_t2v,
