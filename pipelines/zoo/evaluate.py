@@ -275,10 +275,13 @@ def read_direction(clip: np.ndarray, colour: str, cell) -> str:
     the last frame in which it is found: the causal Wan VAE may draw frame 0 without the object."""
     h, w = clip.shape[1:3]
     near = np.array([(cell[1] + 0.5) * w / GRID, (cell[0] + 0.5) * h / GRID], np.float32)
-    found = [c for c in (_colour_centroid(f, colour, near) for f in clip) if c is not None]
-    if len(found) < 2:
+    # scan in from each end; only the two frames found are read in full
+    first = next(((i, c) for i, f in enumerate(clip) if (c := _colour_centroid(f, colour, near)) is not None), None)
+    last = next(((i, c) for i in range(len(clip) - 1, first[0], -1)
+                 if (c := _colour_centroid(clip[i], colour, near)) is not None), None) if first else None
+    if last is None:
         return DIRECTIONS[0]
-    dx, dy = found[-1] - found[0]
+    dx, dy = last[1] - first[1]
     if abs(dx) >= abs(dy):
         return "right" if dx > 0 else "left"
     return "down" if dy > 0 else "up"
