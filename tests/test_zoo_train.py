@@ -129,4 +129,4 @@ def test_shipped_shapes_t2v_generates_and_adheres():
     report, outputs = evaluate_pipeline(pipe, "shapes-t2v", n=8, progress=False)
     assert outputs[0].shape == (17, 128, 128, 3)
     # the 100-prompt figure is in benchmarks/results; this guards against a broken or swapped model
-    assert report["overall"] >= 0.45, report["attributes"]     # chance is about 0.27
+    assert report["overall"] >= 0.5, report["attributes"]      # chance is about 0.27; 0.525 as shipped
