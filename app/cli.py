@@ -455,7 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under a ``torch.distributed`` launcher, tear the process group down before the interpreter exits: gloo
+    threads still running at exit abort a process that finished its work."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

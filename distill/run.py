@@ -17,6 +17,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 
 def load_teacher(name: str):
     if name == "tiny":
@@ -158,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="one-step distillation (accelerate)")
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    try:
+        return run(ap.parse_args(argv))
+    finally:
+        # under torchrun, tear the process group down before interpreter exit: gloo's threads left running at
+        # exit abort the process ("terminate called without an active exception") after training succeeded
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
