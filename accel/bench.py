@@ -270,15 +270,25 @@ def psnr_at(points: list[tuple[float, float]], speedup: float) -> float | None:
     return None
 
 
+SPEEDUP_KEYS = {"speedup": "speedup", "denoiser_speedup": "denoiser speedup"}
+
+
 def compare_families(result: dict, family: str, speedups: tuple[float, ...] = (2.0, 2.5),
-                     peers: tuple[str, ...] | None = None) -> dict:
+                     peers: tuple[str, ...] | None = None, key: str = "speedup") -> dict:
     """PSNR of ``family`` minus each other family's (or each of ``peers``) at each speedup (``None`` for
     a peer that cannot reach it: it counts as below). Returns ``{speedup: {"ours": psnr, "peers": {family: psnr},
-    "margin": ours - best reachable peer}}``."""
+    "margin": ours - best reachable peer}}``.
+
+    ``key`` picks the speedup the curves are drawn along: ``"speedup"`` (end to end, DESIGN § 6's rule)
+    or ``"denoiser_speedup"`` (the denoiser alone; for a model whose VAE decode dominates the latency,
+    where no cache reaches the compared speedups end to end).
+    """
+    if key not in SPEEDUP_KEYS:
+        raise ValueError(f"key must be one of {sorted(SPEEDUP_KEYS)}, got {key!r}")
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in result["rows"]:
         if row["name"] != "baseline":
-            groups.setdefault(row.get("family") or row["name"].split(" ")[0], []).append((row["speedup"], row["psnr"]))
+            groups.setdefault(row.get("family") or row["name"].split(" ")[0], []).append((row[key], row["psnr"]))
     if family not in groups:
         raise ValueError(f"no rows of family {family!r}; families: {sorted(groups)}")
     out = {}
@@ -291,9 +301,9 @@ def compare_families(result: dict, family: str, speedups: tuple[float, ...] = (2
     return out
 
 
-def comparison_markdown(comparison: dict, family: str) -> str:
+def comparison_markdown(comparison: dict, family: str, key: str = "speedup") -> str:
     peers = sorted({f for v in comparison.values() for f in v["peers"]})
-    head = ["speedup", f"{family} PSNR", *[f"{p} PSNR" for p in peers], "margin over best peer"]
+    head = [SPEEDUP_KEYS[key], f"{family} PSNR", *[f"{p} PSNR" for p in peers], "margin over best peer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, v in comparison.items():
         cells = [f"{s:g}×", _fmt(v["ours"]), *[_fmt(v["peers"][p]) if v["peers"][p] is not None else "cannot reach"

@@ -85,10 +85,15 @@ def _bench(args: argparse.Namespace) -> int:
         notes=suite.notes, progress=not args.quiet, scorers=suite.scorers,
     )
     if suite.compare:
-        from accel.bench import compare_families, comparison_markdown
+        from accel.bench import SPEEDUP_KEYS, compare_families, comparison_markdown
 
-        result["comparison"] = compare_families(result, suite.compare, suite.compare_speedups, suite.compare_peers)
-        result["comparison_md"] = comparison_markdown(result["comparison"], suite.compare)
+        parts = []
+        for key in suite.compare_on:
+            cmp = compare_families(result, suite.compare, suite.compare_speedups, suite.compare_peers, key=key)
+            result["comparison" if key == "speedup" else f"comparison_{key}"] = cmp
+            table = comparison_markdown(cmp, suite.compare, key)
+            parts.append(table if len(suite.compare_on) == 1 else f"Along the {SPEEDUP_KEYS[key]}:\n\n{table}")
+        result["comparison_md"] = "\n\n".join(parts)
     path = write_results(result, args.out, command="accel " + shlex.join(sys.argv[1:]))
     print(result["table"])
     if suite.compare:

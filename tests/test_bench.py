@@ -66,3 +66,10 @@ def test_psnr_at_equal_speedup_interpolates_along_each_family():
     assert cmp[2.0]["margin"] == pytest.approx(36.75 - (36 - 6 * 0.5 / 0.7)) and set(cmp[2.0]["peers"]) == {"peer"}
     assert cmp[2.5]["peers"]["peer"] is None and cmp[2.5]["margin"] == float("inf")  # the peer cannot reach 2.5x
     assert compare_families({"rows": rows}, "ours", (2.0,))[2.0]["margin"] < 0  # "other" beats us
+    # along the denoiser speedup: ours reaches 2.5x there, the peer only 1.6x
+    for r in rows:
+        r["denoiser_speedup"] = 2 * r["speedup"] if r.get("family") == "ours" else r["speedup"] - 0.6
+    den = compare_families({"rows": rows}, "ours", (2.5,), peers=("peer",), key="denoiser_speedup")
+    assert den[2.5]["ours"] == pytest.approx(38.0) and den[2.5]["peers"]["peer"] is None
+    with pytest.raises(ValueError, match="key must be one of"):
+        compare_families({"rows": rows}, "ours", (2.0,), key="latency")
