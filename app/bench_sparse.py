@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from pathlib import Path
 
 import torch
@@ -39,9 +38,9 @@ UNMEASURED = [
 
 
 def _hardware() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    from accel.bench import hardware
+
+    info = hardware()       # CPU model and cores, GPU name, torch/diffusers versions
     try:
         import triton
 
