@@ -73,3 +73,18 @@ def test_psnr_at_equal_speedup_interpolates_along_each_family():
     assert den[2.5]["ours"] == pytest.approx(38.0) and den[2.5]["peers"]["peer"] is None
     with pytest.raises(ValueError, match="key must be one of"):
         compare_families({"rows": rows}, "ours", (2.0,), key="latency")
+
+
+def test_cli_tears_down_a_process_group_before_returning(tmp_path):
+    # under torchrun an initialised gloo group left at interpreter exit aborts a finished process
+    import torch.distributed as dist
+
+    from app.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
