@@ -328,7 +328,7 @@ def _erta_profile(args: argparse.Namespace) -> int:
         prompts = calibration_prompts(args.model, args.prompts)
     profile = make_profile(pipe, prompts, call, target_speedup=None if args.delta is not None else args.target_speedup,
                            delta=args.delta, warmup=args.warmup, seed=args.seed, scalar=args.scalar,
-                           fit_phi=not args.no_phi, progress=not args.quiet)
+                           fit_phi=not args.no_phi, mask_rule=args.mask_rule, progress=not args.quiet)
     profile.save(args.out)
     print(f"mask {profile.mask} ({profile.reuse_fraction:.0%} of steps reused, delta "
           f"{profile.calibration['delta']:.4g}); phi on reused steps: "
@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--warmup", type=int, default=1, help="leading steps that always compute")
     rp.add_argument("--scalar", action="store_true", help="one rectification gain per step, no offset")
     rp.add_argument("--no-phi", action="store_true", help="do not fit interval coefficients (phi = 1)")
+    rp.add_argument("--mask-rule", choices=("greedy", "min-sum"), default="greedy",
+                    help="greedy: the spec's threshold walk; min-sum: the target's reuse count at the least "
+                         "summed residual error (exact dynamic program)")
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--threads", type=int, default=0)
     rp.add_argument("--quiet", action="store_true")

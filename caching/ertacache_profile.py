@@ -38,6 +38,7 @@ from accel.errors import ConfigError
 from .ertacache import ERTACacheConfig, _SchedulerWrapper, scheduler_signature
 
 PHI_RANGE = (0.5, 1.5)
+MASK_RULES = ("greedy", "min-sum")
 K_RANGE = (-0.5, 0.5)
 
 
@@ -125,6 +126,31 @@ def delta_for_reuse(errors: np.ndarray, reuse: int, warmup: int = 1, force_last:
     return float(candidates[lo])
 
 
+def min_sum_mask(errors: np.ndarray, reuse: int, warmup: int = 1, force_last: bool = True) -> str:
+    """The mask with ``reuse`` reused steps (or as many as the forced steps allow) whose summed error
+    e(k, i) over its reused steps, k the last computed step before i, is smallest (exact dynamic program).
+
+    The greedy rule reuses a step as soon as its error is under the threshold, which can spend the
+    reuse budget early on a chain of reuses whose errors then grow; this rule sees the whole budget.
+    """
+    n = errors.shape[0]
+    forced = [i == 0 or i < warmup or (force_last and i == n - 1) for i in range(n)]
+    reuse = min(reuse, n - sum(forced))
+    # best[(k, r)] = (cost, mask so far): k the last computed step, r the reuses so far
+    best: dict[tuple[int, int], tuple[float, str]] = {(0, 0): (0.0, "C")}
+    for i in range(1, n):
+        nxt: dict[tuple[int, int], tuple[float, str]] = {}
+        for (k, r), (cost, mask) in best.items():
+            options = [((i, r), cost, mask + "C")]
+            if not forced[i] and r < reuse:
+                options.append(((k, r + 1), cost + float(errors[k, i]), mask + "R"))
+            for key, c, m in options:
+                if key not in nxt or c < nxt[key][0]:
+                    nxt[key] = (c, m)
+        best = nxt
+    return min((v for (k, r), v in best.items() if r == reuse), key=lambda v: v[0])[1]
+
+
 def fit_rectification(residuals: list[dict[str, torch.Tensor]], mask: str, scalar: bool = False):
     """Per-context tables K, b (``N x D``) of the linear model r_i - r_k ~ K_i r_k + b_i."""
     n = len(mask)
@@ -167,10 +193,13 @@ def phi_from(reference_next: torch.Tensor, prev: torch.Tensor, increment: torch.
 @torch.no_grad()
 def make_profile(pipe, prompts: list[str], call_kwargs: dict | None = None, *, target_speedup: float | None = 2.0,
                  delta: float | None = None, warmup: int = 1, force_last: bool = True, seed: int = 0,
-                 scalar: bool = False, fit_phi: bool = True, progress: bool = True) -> ERTACacheConfig:
+                 scalar: bool = False, fit_phi: bool = True, mask_rule: str = "greedy",
+                 progress: bool = True) -> ERTACacheConfig:
     """Profile ``pipe`` on ``prompts`` and return an :class:`ERTACacheConfig` (save it with ``.save``).
 
     Give either ``target_speedup`` (the reuse fraction is 1 - 1/target) or ``delta`` (the threshold).
+    ``mask_rule``: ``"greedy"`` (the spec's threshold walk) or ``"min-sum"`` (:func:`min_sum_mask`,
+    the reuse count of ``target_speedup`` at the least summed error; ours, not the paper's).
     """
     from tqdm.auto import tqdm
 
@@ -182,6 +211,10 @@ def make_profile(pipe, prompts: list[str], call_kwargs: dict | None = None, *, t
         raise ConfigError("give target_speedup=... or delta=...")
     if target_speedup is not None and target_speedup < 1:
         raise ConfigError(f"target_speedup must be >= 1, got {target_speedup}")
+    if mask_rule not in MASK_RULES:
+        raise ConfigError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
+    if mask_rule == "min-sum" and target_speedup is None:
+        raise ConfigError("the min-sum mask rule needs target_speedup (it has no threshold)")
     call_kwargs = dict(call_kwargs or {})
     call_kwargs["output_type"] = "latent"
     if hasattr(pipe, "set_progress_bar_config"):
@@ -215,10 +248,15 @@ def make_profile(pipe, prompts: list[str], call_kwargs: dict | None = None, *, t
 
     # 2. the mask
     errors = relative_errors(residuals)
-    if delta is None:
-        reuse = int(math.floor(n * (1.0 - 1.0 / target_speedup) + 0.5))
-        delta = delta_for_reuse(errors, reuse, warmup, force_last)
-    mask = greedy_mask(errors, delta, warmup, force_last)
+    if mask_rule == "min-sum":
+        mask = min_sum_mask(errors, int(math.floor(n * (1.0 - 1.0 / target_speedup) + 0.5)), warmup, force_last)
+        # recorded for reference: the largest error this mask accepts on a reused step
+        delta = max((e for e, m in zip(_errors_along(errors, mask), mask, strict=True) if m == "R"), default=0.0)
+    else:
+        if delta is None:
+            reuse = int(math.floor(n * (1.0 - 1.0 / target_speedup) + 0.5))
+            delta = delta_for_reuse(errors, reuse, warmup, force_last)
+        mask = greedy_mask(errors, delta, warmup, force_last)
 
     # 3. rectification
     K, b = fit_rectification(residuals, mask, scalar)
@@ -229,6 +267,7 @@ def make_profile(pipe, prompts: list[str], call_kwargs: dict | None = None, *, t
         b={c: b[c].tolist() for c in contexts}, phi=[1.0] * n,
         calibration={"prompts": list(prompts), "seed": seed, "delta": delta, "target_speedup": target_speedup,
                      "warmup": warmup, "force_last": force_last, "variant": "scalar" if scalar else "channel",
+                     "mask_rule": mask_rule,
                      "reuse_fraction": mask.count("R") / n,
                      "errors_from_last_compute": _errors_along(errors, mask)})
 

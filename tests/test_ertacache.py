@@ -13,6 +13,7 @@ from caching.ertacache_profile import (
     fit_rectification,
     greedy_mask,
     make_profile,
+    min_sum_mask,
     phi_from,
     relative_errors,
 )
@@ -177,6 +178,53 @@ def test_profiler_mask_properties_and_determinism():
     delta = delta_for_reuse(errors, 4)
     assert greedy_mask(errors, delta).count("R") >= 4
     assert greedy_mask(errors, np.nextafter(delta, 0)).count("R") < 4
+
+
+def _summed_error(errors, mask):
+    total, k = 0.0, 0
+    for i, m in enumerate(mask):
+        if m == "R":
+            total += errors[k, i]
+        else:
+            k = i
+    return total
+
+
+def test_min_sum_mask_is_the_exact_optimum_and_beats_greedy():
+    import itertools
+
+    errors = np.triu(np.random.default_rng(3).random((9, 9)), 1)
+    for reuse in (2, 4, 6):
+        mask = min_sum_mask(errors, reuse, warmup=2)
+        assert mask.count("R") == reuse and mask[:2] == "CC" and mask[-1] == "C"
+        brute = min(_summed_error(errors, "CC" + "".join("R" if j in pick else "C" for j in range(2, 8)) + "C")
+                    for pick in itertools.combinations(range(2, 8), reuse))
+        assert _summed_error(errors, mask) == pytest.approx(brute)
+    # errors that add up along the way (e(k, i) = sum of per-step changes k+1..i): at the reuse count the
+    # greedy threshold reaches, the summed error is never lower than min-sum's, and often higher
+    worse = 0
+    for seed in range(10):
+        change = np.random.default_rng(seed).random(12)
+        e = np.array([[change[k + 1:i + 1].sum() if i > k else 0.0 for i in range(12)] for k in range(12)])
+        greedy = greedy_mask(e, delta_for_reuse(e, 5))
+        best = min_sum_mask(e, 5)
+        assert greedy.count("R") == best.count("R") == 5
+        assert _summed_error(e, best) <= _summed_error(e, greedy) + 1e-12
+        worse += _summed_error(e, best) < _summed_error(e, greedy) - 1e-9
+    assert worse >= 3
+    e = np.ones((6, 6))
+    assert min_sum_mask(e, 10) == "C" + "R" * 4 + "C"     # more than the free steps: all of them
+
+
+def test_min_sum_profile_reuses_the_target_count():
+    pipe = make("pixart")
+    profile = make_profile(pipe, PROMPTS, _kw(pipe), target_speedup=2.0, mask_rule="min-sum", fit_phi=False,
+                           progress=False)
+    assert profile.mask.count("R") == STEPS // 2 and profile.calibration["mask_rule"] == "min-sum"
+    with pytest.raises(accel.ConfigError, match="mask_rule must be one of"):
+        make_profile(pipe, PROMPTS, _kw(pipe), mask_rule="dp", progress=False)
+    with pytest.raises(accel.ConfigError, match="needs target_speedup"):
+        make_profile(pipe, PROMPTS, _kw(pipe), target_speedup=None, delta=0.1, mask_rule="min-sum", progress=False)
 
 
 def test_fits_recover_known_models():
