@@ -198,11 +198,14 @@ def _erta_suite(name: str, profiles: list, taylor_ids: list[str]) -> Suite:
     entries = []
     for p in profiles:
         target = p.calibration.get("target_speedup")
+        rule = p.calibration.get("mask_rule", "greedy")
+        tag = "ERTACache" if rule == "greedy" else f"ERTACache {rule}"    # profiles of another mask rule
         for label, variant in (("mask only", p.variant(rectify=False, adjust_timesteps=False)),
                                ("mask+rect", p.variant(adjust_timesteps=False)), ("full", p)):
-            family = "ERTACache" if label == "full" else f"ERTACache {label}"
-            entries.append(BenchEntry(f"ERTACache {label} x{target}", (variant,), family=family,
-                                      settings={"target_speedup": target, "mask": p.mask, "variant": label}))
+            family = tag if label == "full" else f"{tag} {label}"
+            entries.append(BenchEntry(f"{tag} {label} x{target}", (variant,), family=family,
+                                      settings={"target_speedup": target, "mask": p.mask, "variant": label,
+                                                "mask_rule": rule}))
     call = suite.call_kwargs
     ratios = _mag_ratios(suite.pipe, suite.prompts[0], dict(call, output_type="latent"))
     entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
