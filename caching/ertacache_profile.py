@@ -248,13 +248,13 @@ def make_profile(pipe, prompts: list[str], call_kwargs: dict | None = None, *, t
 
     # 2. the mask
     errors = relative_errors(residuals)
+    reuse = None if target_speedup is None else int(math.floor(n * (1.0 - 1.0 / target_speedup) + 0.5))
     if mask_rule == "min-sum":
-        mask = min_sum_mask(errors, int(math.floor(n * (1.0 - 1.0 / target_speedup) + 0.5)), warmup, force_last)
+        mask = min_sum_mask(errors, reuse, warmup, force_last)
         # recorded for reference: the largest error this mask accepts on a reused step
         delta = max((e for e, m in zip(_errors_along(errors, mask), mask, strict=True) if m == "R"), default=0.0)
     else:
         if delta is None:
-            reuse = int(math.floor(n * (1.0 - 1.0 / target_speedup) + 0.5))
             delta = delta_for_reuse(errors, reuse, warmup, force_last)
         mask = greedy_mask(errors, delta, warmup, force_last)
 
