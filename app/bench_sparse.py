@@ -74,17 +74,33 @@ def _rows_check(q, k, v, idx, heads, out, rows: int = 256) -> float:
     return err
 
 
-def _flex(q, k, v, idx):
-    """Compiled FlexAttention over the same full/partial block lists ([Z, S, H, D] in and out)."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+def flex_block_mask(idx, n: int):
+    """FlexAttention's ``BlockMask`` for the same full/partial block lists as ``idx`` (``n`` video tokens).
 
-    n = q.shape[1]
+    FlexAttention's lists are as wide as the number of KV blocks (it scatters them into a dense
+    [Q blocks, KV blocks] table); ours are only as wide as the longest list, so they are padded with
+    zeros past each row's count. Unpadded, the scatter indexes out of bounds (a device-side assert on
+    CUDA).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n_b = math.ceil(n / idx.block)
+
+    def wide(t):
+        return torch.nn.functional.pad(t, (0, n_b - t.shape[-1]))[None]
 
     def keep(b, h, q_idx, kv_idx):
         return kv_idx < n
 
-    mask = BlockMask.from_kv_blocks(idx.part_cnt[None], idx.part_idx[None], idx.full_cnt[None], idx.full_idx[None],
+    return BlockMask.from_kv_blocks(idx.part_cnt[None], wide(idx.part_idx), idx.full_cnt[None], wide(idx.full_idx),
                                     BLOCK_SIZE=idx.block, mask_mod=keep, seq_lengths=(n, n))
+
+
+def _flex(q, k, v, idx):
+    """Compiled FlexAttention over the same full/partial block lists ([Z, S, H, D] in and out)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = flex_block_mask(idx, q.shape[1])
     fn = torch.compile(flex_attention)
     return lambda: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
 
@@ -132,20 +148,35 @@ def _kernel_sweep(shape: str, dtype) -> dict:
             for kb in range(max(0, qb - r), min(n_b, qb + r + 1)):
                 pairs += q_len * min(block, n - kb * block)
         flops = 4 * d * pairs * heads
-        try:
-            flex_ms = bench(_flex(q, k, v, idx))  # noqa: B023 (timed before idx changes)
-        except Exception as exc:  # report, do not abort the sweep
-            flex_ms = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:200]
         real_rho = idx.density()
         out["rows"].append({
             "target_density": rho, "diag_r": r, "density": real_rho, "kernel_ms": t, "max_abs_err": err,
-            "tflops_computed": flops / t / 1e9, "flex_ms": flex_ms,
+            "tflops_computed": flops / t / 1e9, "flex_ms": "not run",
             "ideal_ratio_vs_own_dense": real_rho * t_own_dense / t,
             "ideal_ratio_vs_best_dense": real_rho * best_dense / t,
             "within_1.25_rho": t <= 1.25 * real_rho * t_own_dense,
             "speedup_vs_best_dense": best_dense / t,
         })
     return out
+
+
+def _flex_sweep(shape: str, dtype, rows: list[dict]) -> None:
+    """Compiled FlexAttention with each row's block lists, timed into ``rows``. Run last: a failure
+    inside a compiled kernel (a device-side assert) poisons the CUDA context for everything after it."""
+    import triton.testing
+
+    from accel.attention.masks import Grid, HeadPattern, build_indices
+
+    heads, d, dims = SHAPES[shape]
+    grid = Grid(*dims)
+    q, k, v = (torch.randn(1, grid.tokens, heads, d, device="cuda", dtype=dtype) for _ in range(3))
+    for row in rows:
+        idx = build_indices([HeadPattern("diag", r=row["diag_r"])] * heads, grid, 128).to("cuda")
+        try:
+            row["flex_ms"] = triton.testing.do_bench(_flex(q, k, v, idx), warmup=25, rep=100)
+        except Exception as exc:  # report, do not abort the run
+            row["flex_ms"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+            break
 
 
 def _cost_table(shape: str, dtype) -> dict:
@@ -224,6 +255,7 @@ def run(shape: str = "wan-1.3b-480p", dtype: str = "bf16") -> dict:
     result["per_head"] = _cost_table(shape, torch_dtype)
     if shape == "wan-1.3b-480p":
         result["wan_step"] = _wan_step(torch_dtype)
+    _flex_sweep(shape, torch_dtype, result["kernel"]["rows"])
     return result
 
 

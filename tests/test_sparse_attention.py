@@ -52,6 +52,20 @@ def test_mask_definitions_by_hand():
     assert stripe[70, :32].all() and not stripe[70, 32:50].any() and stripe[:, 50].all()   # P=24 -> 2 blocks
 
 
+def test_flex_block_mask_of_the_kernel_bench_matches_our_block_lists():
+    # the H100 bench compares the kernel with FlexAttention over the same block lists; unpadded lists
+    # (narrower than the number of KV blocks) made FlexAttention index out of bounds on CUDA
+    from app.bench_sparse import flex_block_mask
+
+    grid, block = Grid(3, 5, 9), 16                     # 135 tokens: a partial tail block
+    idx = build_indices([HeadPattern("diag", r=0), HeadPattern("diag", r=2)], grid, block)
+    assert idx.full_idx.shape[-1] < math.ceil(grid.tokens / block)
+    dense = flex_block_mask(idx, grid.tokens).to_dense()[0].bool()
+    for h in range(2):
+        want = expand_mask(idx, h)[::block, ::block]
+        assert torch.equal(dense[h], want)
+
+
 def test_permutation_round_trips():
     pi, inverse = permutation(GRID)
     x = torch.randn(2, GRID.tokens, 3)
