@@ -56,6 +56,8 @@ def _run(pipe, tasks, prompts, batch: int, config, extra: dict, call: dict) -> d
         for i in range(0, len(prompts), batch):
             t0 = time.perf_counter()
             ids = pipe(prompts[i:i + batch], **call, **extra, return_ids=True)
+            if ids.is_cuda:
+                torch.cuda.synchronize(ids.device)
             seconds += time.perf_counter() - t0
             nfe.append(pipe.nfe)
             eos = pipe.tokenizer.eos_token_id
@@ -70,14 +72,14 @@ def _run(pipe, tasks, prompts, batch: int, config, extra: dict, call: dict) -> d
 
 
 def run(n: int = 64, batches=(1, 8), long_prompt: bool = True, progress: bool = True, path=None,
-        call: dict | None = None) -> dict:
+        call: dict | None = None, device=None) -> dict:
     from tqdm.auto import tqdm
 
     from pipelines.zoo import load_reference
     from pipelines.zoo.dlm import few_shot, sample_tasks
 
     call = dict(CALL if call is None else call)
-    pipe = load_reference("dlm-tasks", path=path)
+    pipe = load_reference("dlm-tasks", path=path, device=device)
     tasks = sample_tasks("heldout", n)
     settings = [("short", [t.prompt for t in tasks])]
     if long_prompt:

@@ -31,7 +31,8 @@ def _special_suite(args: argparse.Namespace):
     if args.suite == "dllm":
         from app import bench_dllm as m
 
-        return (lambda: m.run(n=args.prompts or 64, progress=progress, path=args.path)), m.markdown, "dllm"
+        return (lambda: m.run(n=args.prompts or 64, progress=progress, path=args.path, device=args.device),
+                m.markdown, "dllm")
     if args.suite == "one-step":
         if not args.path:
             return "one-step needs --path LABEL=STUDENT_FOLDER[,...] (e.g. dmd=runs/dmd/pipeline)"
@@ -112,7 +113,7 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
         recipe = DLMRecipe(steps=args.steps) if args.steps else DLMRecipe()
         out = train_dlm(args.work_dir or "runs/dlm-tasks", recipe, args.out, progress=not args.quiet,
-                        threads=args.threads or None, stop_at=args.stop_at)
+                        threads=args.threads or None, stop_at=args.stop_at, device=args.device)
         print(f"pipeline written to {out}" if out else "stopped at a checkpoint; rerun to resume")
         return 0
     if args.name not in RECIPES:
@@ -120,7 +121,7 @@ def _zoo_train(args: argparse.Namespace) -> int:
         return 2
     recipe = RECIPES[args.name].replace(steps=args.steps) if args.steps else RECIPES[args.name]
     out = train(recipe, args.work_dir or f"runs/{args.name}", args.out, progress=not args.quiet,
-                threads=args.threads or None, stop_at=args.stop_at)
+                threads=args.threads or None, stop_at=args.stop_at, device=args.device)
     print(f"pipeline written to {out}" if out else f"stopped at a checkpoint at or after step {args.stop_at}; "
           "run the same command without --stop-at to resume")
     return 0
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--adapter", help="nct-control: the folder `accel distill nct` wrote (OUTPUT_DIR/adapter)")
     bench.add_argument("--shape", default="wan-1.3b-480p", help="sparse-kernel: wan-1.3b-480p, cogvideox1.5, "
                        "hunyuan-720p")
+    bench.add_argument("--device", help="dllm: where the model runs (default: the CPU)")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="sparse-kernel: input dtype")
     bench.set_defaults(func=_bench)
 
@@ -374,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--stop-at", type=int, help="stop at the first checkpoint at or after this denoiser step")
     zt.add_argument("--steps", type=int, default=0,
                     help="denoiser steps (default: the recipe's); a larger value continues a finished run")
+    zt.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else the CPU)")
     zt.add_argument("--quiet", action="store_true")
     zt.set_defaults(func=_zoo_train)
     ze = zsub.add_parser("eval", help="score a reference model on held-out prompts")

@@ -61,6 +61,16 @@ def test_clip_splits_have_the_training_object_count_and_stay_disjoint():
     assert {o.cell for s in train for o in s.objects} == set(CELLS)
 
 
+def test_training_object_count_weights():
+    counts = np.bincount([len(s.objects) for s in sample_scenes("train", 600, count_weights=(1, 2, 3))],
+                         minlength=4)[1:]
+    assert counts[0] < counts[1] < counts[2]            # about 1 : 2 : 3
+    assert {len(s.objects) for s in sample_scenes("train", 40, count_weights=(0, 0, 1))} == {3}
+    assert sample_scenes("train", 5) == sample_scenes("train", 5, count_weights=None)   # default unchanged
+    with pytest.raises(ValueError, match="training split only"):
+        sample_scenes("heldout", 5, count_weights=(1, 1, 1))
+
+
 def test_fixed_splits_refuse_scenes_past_their_list():
     n = SPLIT_SIZES[True]["heldout"]
     assert len(sample_scenes("heldout", 1, start=n - 1, video=True)) == 1

@@ -50,6 +50,23 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     assert any(not torch.equal(other[k], _weights(straight)[k]) for k in other)
 
 
+def test_high_noise_share_draws_timesteps_from_the_upper_half():
+    from pipelines.zoo.recipes import build_components
+    from pipelines.zoo.train import denoiser_loss
+
+    r = tiny_recipe("shapes-t2i")
+    parts = build_components(r)
+    seen = []
+    add_noise = parts["scheduler"].add_noise
+    parts["scheduler"].add_noise = lambda x, n, t: seen.append(t) or add_noise(x, n, t)
+    x0 = torch.randn(64, r.latent_channels, 4, 4)
+    for share in (0.0, 1.0):
+        denoiser_loss(r.replace(high_noise=share), parts, parts["transformer"], parts["text_encoder"], x0,
+                      ["a red circle"] * 64, torch.Generator().manual_seed(0))
+    uniform, high = seen
+    assert uniform.min() < 500 and high.min() >= 500
+
+
 def test_tiny_t2v_trains_and_generates(tmp_path):
     from diffusers import WanPipeline
 

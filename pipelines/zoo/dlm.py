@@ -165,8 +165,9 @@ def batch_of(tasks: list[Task], tokenizer, gen_length: int) -> tuple[torch.Tenso
 
 def masked_diffusion_loss(model, ids, answer, attn, mask_id: int, generator: torch.Generator):
     b = ids.shape[0]
-    t = torch.rand(b, 1, generator=generator).clamp_min(1e-3)
-    masked = (torch.rand(ids.shape, generator=generator) < t) & answer
+    # drawn on the CPU generator, so every device sees the same masks
+    t = torch.rand(b, 1, generator=generator).clamp_min(1e-3).to(ids.device)
+    masked = (torch.rand(ids.shape, generator=generator).to(ids.device) < t) & answer
     x = torch.where(masked, mask_id, ids)
     positions = (attn.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=x, attention_mask=attn, position_ids=positions).logits.float()
@@ -240,8 +241,12 @@ def _atomic_save(state: dict, path: Path) -> None:
 
 
 def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str | os.PathLike | None = None,
-          progress: bool = True, threads: int | None = None, stop_at: int | None = None) -> Path | None:
-    """Train (or resume) ``dlm-tasks`` in ``work_dir``; writes the pipeline to ``out`` when done."""
+          progress: bool = True, threads: int | None = None, stop_at: int | None = None,
+          device=None) -> Path | None:
+    """Train (or resume) ``dlm-tasks`` in ``work_dir``; writes the pipeline to ``out`` when done.
+
+    ``device`` defaults to CUDA when available; checkpoints and the written pipeline are CPU tensors.
+    """
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -253,6 +258,7 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(recipe, len(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     ckpt, meta_file = work / "model.safetensors", work / "meta.json"
@@ -260,9 +266,11 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
     if ckpt.exists() and meta_file.exists():
         model.load_state_dict(load_file(str(ckpt)), strict=False)
         model.tie_weights()
+    model.to(device)            # before the optimizer state is loaded: it follows its parameters' device
+    if ckpt.exists() and meta_file.exists():
         opt_file = work / "optim.pt"
         if opt_file.exists():
-            opt.load_state_dict(torch.load(opt_file, weights_only=True))
+            opt.load_state_dict(torch.load(opt_file, weights_only=True, map_location=device))
         step = json.loads(meta_file.read_text())["step"]
     train_tasks = sample_tasks("train", recipe.train_tasks) if step < recipe.total_steps else []
     log = open(work / "log.jsonl", "a")  # noqa: SIM115
@@ -278,7 +286,7 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
             tasks = [train_tasks[i] for i in idx]
             if step >= recipe.steps and float(torch.rand(1, generator=gen)) < recipe.few_shot_rate:
                 tasks = _with_shots(tasks, train_tasks, recipe, gen)
-            ids, answer, attn = batch_of(tasks, tokenizer, length)
+            ids, answer, attn = (x.to(device) for x in batch_of(tasks, tokenizer, length))
             for group in opt.param_groups:
                 group["lr"] = _lr(step, recipe)
             loss = masked_diffusion_loss(model, ids, answer, attn, tokenizer.mask_token_id, gen)
@@ -290,7 +298,7 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % recipe.checkpoint_every == 0 or step == recipe.total_steps:
-                _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()
+                _atomic_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                               if k != "lm_head.weight"}, ckpt)  # tied to the embeddings
                 tmp = work / "optim.pt.tmp"
                 torch.save(opt.state_dict(), tmp)
@@ -311,7 +319,7 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
     finally:
         bar.close()
         log.close()
-    model.eval()
+    model.to("cpu").eval()
     return save_pipeline(model, tokenizer, out or work / "pipeline")
 
 
@@ -324,9 +332,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--stop-at", type=int)
+    ap.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     args = ap.parse_args(argv)
     recipe = DLMRecipe(steps=args.steps) if args.steps else DLMRecipe()
-    out = train(args.work_dir, recipe, args.out, threads=args.threads or None, stop_at=args.stop_at)
+    out = train(args.work_dir, recipe, args.out, threads=args.threads or None, stop_at=args.stop_at,
+                device=args.device)
     print(f"pipeline written to {out}" if out else "stopped at a checkpoint; rerun to resume")
     return 0
 

@@ -54,6 +54,7 @@ class Recipe:
     image_size: int = 256
     frames: int = 1
     max_objects: int | None = None   # None: shapes.MAX_OBJECTS for the kind (images 3, clips 1)
+    train_count_weights: tuple[float, ...] | None = None   # training scenes: weights of 1, 2, ... objects
     train_scenes: int = 20_000
     partial_captions: float = 0.15
     caption_dropout: float = 0.1
@@ -69,6 +70,7 @@ class Recipe:
     lr: float = 3e-4
     warmup: int = 200
     flow_uniform: float = 0.0                   # rectified flow: share of noise levels drawn uniformly
+    high_noise: float = 0.0                     # DDIM v-prediction: share of timesteps drawn from the upper half
     # rectified flow: noise levels s are moved up by SD3's shift, s -> k s / (1 + (k - 1) s). Started from
     # pure noise, the t2v model at 4000 steps drew empty clips, yet from 90 % noise on a training clip it
     # drew the object where the caption said: the layout is decided at the highest levels

@@ -145,8 +145,13 @@ def _draw_object(rng: np.random.Generator, cell, *, video: bool) -> ShapeObject:
     )
 
 
-def _draw_scene(rng: np.random.Generator, *, video: bool, max_objects: int, partial: float) -> Scene:
-    n = int(rng.integers(1, max_objects + 1))
+def _draw_scene(rng: np.random.Generator, *, video: bool, max_objects: int, partial: float,
+                count_weights=None) -> Scene:
+    if count_weights is None:
+        n = int(rng.integers(1, max_objects + 1))
+    else:
+        w = np.asarray(count_weights, float)
+        n = int(rng.choice(len(w), p=w / w.sum())) + 1
     cells = [CELLS[i] for i in rng.choice(len(CELLS), size=n, replace=False)]
     objects = tuple(_draw_object(rng, c, video=video) for c in cells)
     says_size = not (partial and rng.random() < partial)
@@ -164,7 +169,7 @@ def _reserved_keys(video: bool) -> frozenset:
 
 
 def sample_scenes(split: str, n: int, *, start: int = 0, video: bool = False,
-                  max_objects: int | None = None, partial: float = 0.0) -> list[Scene]:
+                  max_objects: int | None = None, partial: float = 0.0, count_weights=None) -> list[Scene]:
     """Scenes `start .. start+n-1` of a split ("train", "calibration" or "heldout").
 
     `max_objects` defaults to ``MAX_OBJECTS[video]``, so held-out and calibration scenes have as
@@ -172,11 +177,15 @@ def sample_scenes(split: str, n: int, *, start: int = 0, video: bool = False,
 
     `partial` (training only) is the probability of leaving size, and separately position,
     out of the caption, so that short prompts such as "a red circle" are in distribution.
+    `count_weights` (training only) weights the object counts 1..len(weights) instead of drawing
+    them uniformly from 1..max_objects.
     """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if split != "train" and partial:
         raise ValueError("partial captions are for the training split only")
+    if split != "train" and count_weights is not None:
+        raise ValueError("object-count weights are for the training split only")
     if split != "train" and start + n > SPLIT_SIZES[video][split]:
         kind = "clip" if video else "image"
         raise ValueError(f"the {split} split has {SPLIT_SIZES[video][split]} {kind} scenes; asked for "
@@ -188,7 +197,8 @@ def sample_scenes(split: str, n: int, *, start: int = 0, video: bool = False,
     for index in range(start, start + n):
         rng = np.random.default_rng([SPLIT_SEEDS[split], int(video), index])
         while True:
-            scene = _draw_scene(rng, video=video, max_objects=max_objects, partial=partial)
+            scene = _draw_scene(rng, video=video, max_objects=max_objects, partial=partial,
+                                count_weights=count_weights)
             novel = any(_is_heldout_triple(o) for o in scene.objects)
             if split == "train":
                 if novel or scene.key() in reserved:

@@ -13,6 +13,10 @@ The denoiser is trained in the parameterisation its shipped scheduler integrates
 DDIM's zero-terminal-SNR schedule (PixArt), or rectified flow (target `noise - x0` at
 `x_t = (1 - s) x0 + s noise`, `s` logit-normal) for the flow-matching Euler scheduler (Wan).
 Captions are dropped 10 % of the time so classifier-free guidance works.
+
+Training runs on `device` (default: CUDA when available, else the CPU). Random draws stay on the
+CPU generators either way, so a GPU run sees the same data, noise and timesteps as a CPU run;
+checkpoints are written from CPU copies and resume on either device.
 """
 
 from __future__ import annotations
@@ -85,7 +89,11 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
     return ((x - bg).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)
 
 
-def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def train_vae(r: Recipe, vae, work: Path, progress: bool = True, device="cpu"):
     """Train the autoencoder on training scenes (reconstruction L1 + MSE, object pixels weighted by
     `1 + vae_fg_weight`, a tiny pull on latent size)."""
     ckpt = work / "vae"
@@ -93,10 +101,11 @@ def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
         vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
         return vae
     start = 0
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     if (ckpt / "meta.json").exists():
         vae.load_state_dict(load_file(ckpt / "vae.safetensors"))
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True, map_location=device))
         start = json.loads((ckpt / "meta.json").read_text())["step"]
     vae.train()
     bar = tqdm(range(start, r.vae_steps), initial=start, total=r.vae_steps, desc=f"{r.name} vae",
@@ -115,7 +124,7 @@ def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
             y0 = int(np.clip(cy - r.vae_crop / 2 + rng.integers(-16, 17), 0, r.image_size - r.vae_crop))
             x0 = int(np.clip(cx - r.vae_crop / 2 + rng.integers(-16, 17), 0, r.image_size - r.vae_crop))
             crops.append(img[..., y0:y0 + r.vae_crop, x0:x0 + r.vae_crop, :])
-        x = _to_tensor(crops)
+        x = _to_tensor(crops).to(device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r.vae_steps, r.vae_lr, 50)
         post = vae.encode(x).latent_dist
@@ -136,34 +145,35 @@ def train_vae(r: Recipe, vae, work: Path, progress: bool = True):
         done = step + 1
         if done % r.checkpoint_every == 0 or done == r.vae_steps:
             def write(d, done=done):
-                save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, d / "vae.safetensors")
+                save_file(_cpu_state(vae), d / "vae.safetensors")
                 torch.save(opt.state_dict(), d / "optim.pt")
                 (d / "meta.json").write_text(json.dumps({"step": done}))
                 if done == r.vae_steps:
                     (d / "done").write_text("")
             _atomic_dir_write(ckpt, write)
-    vae.eval()
+    vae.to("cpu").eval()
     return vae
 
 
 # --------------------------------------------------------------------------- stage 2: latents
 
 @torch.no_grad()
-def encode_dataset(r: Recipe, vae, work: Path, progress: bool = True):
+def encode_dataset(r: Recipe, vae, work: Path, progress: bool = True, device="cpu"):
     """Encode the training scenes once; returns (latents, captions) and sets the VAE scaling factor."""
     path = work / "latents.safetensors"
     scenes = sample_scenes("train", r.train_scenes, partial=r.partial_captions, video=_video(r),
-                           max_objects=r.max_objects)
+                           max_objects=r.max_objects, count_weights=r.train_count_weights)
     captions = [caption(s) for s in scenes]
     if path.exists():
         lat = load_file(path)["latents"].float()
     else:
-        vae.eval()
+        vae.to(device).eval()
         chunks = []
         step = 4 if _video(r) else 32
         for i in tqdm(range(0, len(scenes), step), desc=f"{r.name} encode", disable=not progress):
-            x = _to_tensor([_render(r, s) for s in scenes[i:i + step]])
-            chunks.append(vae.encode(x).latent_dist.mean.to(torch.float16))
+            x = _to_tensor([_render(r, s) for s in scenes[i:i + step]]).to(device)
+            chunks.append(vae.encode(x).latent_dist.mean.to(torch.float16).cpu())
+        vae.to("cpu")
         lat = torch.cat(chunks)
         save_file({"latents": lat.contiguous()}, path)
         lat = lat.float()
@@ -187,7 +197,9 @@ def _tokenize(tokenizer, texts, length):
 
 def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, gen: torch.Generator):
     """Training loss of the denoiser in the parameterisation its shipped scheduler integrates."""
+    dev = x0.device
     ids, mask = _tokenize(parts["tokenizer"], texts, r.text_max_length)
+    ids, mask = ids.to(dev), mask.to(dev)
     emb = text_encoder(ids, attention_mask=mask).last_hidden_state
     if _video(r):
         # WanPipeline zeroes the embeddings past each prompt and pads them to its max_sequence_length
@@ -195,10 +207,15 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
         # (a negative pad cuts: WanPipeline truncates its prompts at that length too)
         emb = F.pad(emb, (0, 0, 0, (r.text_pad_length or _wan_text_length()) - emb.shape[1]))
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)          # drawn on the CPU: same on every device
     sched = parts["scheduler"]
     if sched.config.get("prediction_type") == "v_prediction":       # DDIM, v-prediction
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+        steps = sched.config.num_train_timesteps
+        t = torch.randint(0, steps, (b,), generator=gen)
+        if r.high_noise:
+            high = torch.rand(b, generator=gen) < r.high_noise
+            t = torch.where(high, torch.randint(steps // 2, steps, (b,), generator=gen), t)
+        t = t.to(dev)
         xt = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t)
         timestep = t
@@ -208,7 +225,7 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
             # logit-normal levels rarely exceed 0.9, where sampling starts and the layout is decided
             uniform = torch.rand(b, generator=gen) < r.flow_uniform
             s = torch.where(uniform, torch.rand(b, generator=gen), s)
-        s = r.flow_shift * s / (1 + (r.flow_shift - 1) * s)
+        s = (r.flow_shift * s / (1 + (r.flow_shift - 1) * s)).to(dev)
         sv = s.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - sv) * x0 + sv * noise
         target = noise - x0
@@ -253,11 +270,14 @@ def _trainables(parts):
 
 
 def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progress: bool = True,
-                   stop_at: int | None = None) -> bool:
+                   stop_at: int | None = None, device="cpu") -> bool:
     """Train (or resume) the text encoder and denoiser; False when stopped early at `stop_at`."""
     from diffusers.training_utils import EMAModel
 
     nets = _trainables(parts)
+    for m in nets.values():
+        m.to(device)
+    latents = latents.to(device)
     params = [p for m in nets.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = EMAModel(params, decay=r.ema_decay)
@@ -265,8 +285,8 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
     start = 0
     if (ckpt / "meta.json").exists():
         _load_nets(nets, ckpt)
-        ema.shadow_params = [t.clone() for t in _ema_shadow(ckpt, len(params))]
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        ema.shadow_params = [t.to(device) for t in _ema_shadow(ckpt, len(params))]
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True, map_location=device))
         meta = json.loads((ckpt / "meta.json").read_text())
         start, ema.optimization_step = meta["step"], meta["ema_step"]
     for m in nets.values():
@@ -279,7 +299,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
         """`size` training indices and their captions, each dropped to "" with the dropout rate."""
         idx = torch.randint(0, n, (size,), generator=gen)
         drop = torch.rand(size, generator=gen) < r.caption_dropout
-        return idx, ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        return idx.to(device), ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
 
     for step in bar:
         gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
@@ -292,7 +312,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
             # a later latent frame of each clip: the causal VAE's first one carries the object weakly
             # (its spread across clips is a fifth of the later frames'); objects stay in their cell
             t = latents.shape[2]
-            frame = torch.randint(min(1, t - 1), t, (r.image_batch,), generator=gen)
+            frame = torch.randint(min(1, t - 1), t, (r.image_batch,), generator=gen).to(device)
             loss = loss + denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"],
                                         latents[idx, :, frame].unsqueeze(2), texts, gen)
         if not torch.isfinite(loss):
@@ -308,10 +328,11 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
         done = step + 1
         if done % r.checkpoint_every == 0 or done == r.steps:
             def write(d, done=done):
-                flat = {f"{name}.{k}": v.clone().contiguous()     # clone: T5 ties two names to one tensor
+                flat = {f"{name}.{k}": v.detach().cpu().clone().contiguous()   # clone: T5 ties two names
                         for name, m in nets.items() for k, v in m.state_dict().items()}
                 save_file(flat, d / "model.safetensors")
-                save_file({str(i): p.contiguous() for i, p in enumerate(ema.shadow_params)}, d / "ema.safetensors")
+                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+                          d / "ema.safetensors")
                 torch.save(opt.state_dict(), d / "optim.pt")
                 (d / "meta.json").write_text(json.dumps({"step": done, "ema_step": ema.optimization_step,
                                                          "loss": float(np.mean(losses[-100:]))}))
@@ -322,7 +343,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
                 return False
     ema.copy_to(params)           # export the averaged weights
     for m in nets.values():
-        m.eval()
+        m.to("cpu").eval()
     return True
 
 
@@ -352,23 +373,24 @@ def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
 
 
 def train(name_or_recipe, work_dir, out_dir=None, progress: bool = True, threads: int | None = None,
-          stop_at: int | None = None) -> Path | None:
+          stop_at: int | None = None, device=None) -> Path | None:
     """Run (or resume) every stage and save a diffusers pipeline to `out_dir` (default `work_dir/pipeline`).
 
     `stop_at` stops the denoiser stage at the first checkpoint at or after that step (returns None);
-    calling again resumes it.
+    calling again resumes it. `device` defaults to CUDA when available; the saved pipeline is on the CPU.
     """
     r = _recipe(name_or_recipe)
     if threads:
         torch.set_num_threads(threads)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps({k: v for k, v in vars(r).items()}, indent=1, default=list))
     parts = build_components(r)
-    train_vae(r, parts["vae"], work, progress)
+    train_vae(r, parts["vae"], work, progress, device)
     parts["vae"].requires_grad_(False)
-    latents, captions = encode_dataset(r, parts["vae"], work, progress)
-    if not train_denoiser(r, parts, latents, captions, work, progress, stop_at):
+    latents, captions = encode_dataset(r, parts["vae"], work, progress, device)
+    if not train_denoiser(r, parts, latents, captions, work, progress, stop_at, device):
         return None
     pipe = assemble(r, parts)
     out = Path(out_dir) if out_dir else work / "pipeline"
@@ -385,8 +407,9 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("ACCEL_THREADS", "0")) or None)
     ap.add_argument("--stop-at", type=int, help="stop at the first checkpoint at or after this step")
+    ap.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     a = ap.parse_args(argv)
-    print(train(a.name, a.work_dir, a.out, threads=a.threads, stop_at=a.stop_at))
+    print(train(a.name, a.work_dir, a.out, threads=a.threads, stop_at=a.stop_at, device=a.device))
 
 
 if __name__ == "__main__":
