@@ -247,6 +247,27 @@ def test_one_step_bench_scores_and_times_a_student_against_its_teacher(tmp_path)
         run(f"x={tmp_path / 'missing'}", n=1, runs=1, timing_prompts=1, progress=False)
 
 
+def test_layout_scores_read_the_generated_layout_against_the_control():
+    import dataclasses
+
+    from app.bench_distill import layout_scores
+    from pipelines.zoo.shapes import render_image, sample_scenes
+
+    scenes = [s for s in sample_scenes("heldout", 40) if len(s.objects) == 2][:4]
+    real = [render_image(s) for s in scenes]
+    assert layout_scores(real, scenes) == {"exact": 1.0, "recall": 1.0, "precision": 1.0}
+    # colours and shapes do not matter, only where the objects are
+    recoloured = [dataclasses.replace(s, objects=tuple(dataclasses.replace(o, colour="cyan", shape="square")
+                                                       for o in s.objects)) for s in scenes]
+    assert layout_scores([render_image(s) for s in recoloured], scenes)["exact"] == 1.0
+    # one object dropped from each image: half the control objects missing, no extra cells
+    single = [dataclasses.replace(s, objects=s.objects[:1]) for s in scenes]
+    assert layout_scores([render_image(s) for s in single], scenes) == {"exact": 0.0, "recall": 0.5,
+                                                                          "precision": 1.0}
+    blank = [render_image(dataclasses.replace(s, objects=())) for s in scenes]
+    assert layout_scores(blank, scenes)["recall"] == 0.0
+
+
 def test_control_bench_compares_the_adapted_student_with_the_plain_one(tmp_path):
     from app.bench_distill import control_markdown, run_control
     from distill.adapter import ControlAdapter
@@ -262,6 +283,7 @@ def test_control_bench_compares_the_adapted_student_with_the_plain_one(tmp_path)
     # a zero adapter changes nothing: both rows score the same images
     assert plain["attributes"] == controlled["attributes"] and result["caption_change_points"] == 0
     assert 0 <= controlled["layout_agreement"] <= 1
+    assert plain["layout"] == controlled["layout"]
     assert "| controlled student |" in control_markdown(result)
     export_adapter(adapter, tmp_path / "sign", control="latent-sign")
     with pytest.raises(SystemExit, match="layout adapters"):
