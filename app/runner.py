@@ -149,10 +149,10 @@ class Runner:
         from caching.ertacache import ERTACacheConfig
 
         if method == "ECAD":
-            return [_ecad_label(c) for c in shipped_schedules(model)] if model in REFERENCES else []
+            return _labels(shipped_schedules(model), _ecad_label) if model in REFERENCES else []
         if method == "ERTACache":
-            return [_erta_label(c) for c in
-                    shipped_schedules(model, "profiles", ERTACacheConfig)] if model in REFERENCES else []
+            return _labels(shipped_schedules(model, "profiles", ERTACacheConfig),
+                           _erta_label) if model in REFERENCES else []
         if method.startswith("StaticCache"):
             return ["interval 2", "interval 3", "interval 4"]
         if method == "FirstBlockCache":
@@ -195,7 +195,7 @@ class Runner:
         if setting and Path(setting).is_file():
             return cls.load(setting)
         shipped = shipped_schedules(model, kind, cls) if model in REFERENCES else []
-        labels = [(_ecad_label if kind == "schedules" else _erta_label)(c) for c in shipped]
+        labels = _labels(shipped, _ecad_label if kind == "schedules" else _erta_label)
         if not shipped:
             raise AppError(f"no shipped {cls.__name__} for {model!r}: type the path of a schedule/profile file made "
                            f"for this model (`accel ecad search` / `accel erta profile`)")
@@ -459,9 +459,22 @@ class Runner:
         return points
 
 
+def _labels(configs, label) -> list[str]:
+    """``label`` of each config, numbered where two read the same (a frontier can hold two schedules
+    with equal measured speedup, PSNR and computation count): every choice picks its own file."""
+    out, seen = [], {}
+    for c in configs:
+        text = label(c)
+        seen[text] = seen.get(text, 0) + 1
+        out.append(text if seen[text] == 1 else f"{text} ({seen[text]})")
+    return out
+
+
 def _erta_label(cfg) -> str:
-    """A profile by its reuse fraction and mask (C: compute, R: reuse)."""
-    return f"reuse {cfg.reuse_fraction:.0%} ({cfg.mask})"
+    """A profile by its reuse fraction and mask (C: compute, R: reuse), and its mask rule unless greedy
+    (two rules can give the same mask at one reuse count: the labels must still differ)."""
+    rule = (cfg.calibration or {}).get("mask_rule", "greedy")
+    return f"reuse {cfg.reuse_fraction:.0%} ({cfg.mask})" + ("" if rule == "greedy" else f" {rule}")
 
 
 def _ecad_label(cfg) -> str:

@@ -36,13 +36,30 @@ def load_teacher(name: str):
     raise SystemExit(f"--teacher {name!r}: not 'tiny', a reference model ({', '.join(REFERENCES)}) or a folder")
 
 
-def default_captions(teacher: str, n: int) -> list[str]:
+def speaks_shapes(pipe) -> bool:
+    """Whether ``pipe``'s tokenizer is the shapes models' word-level one (a student exported from
+    ``shapes-t2i`` carries it): its captions are the procedural ones, not free text."""
+    from pipelines.zoo.recipes import SPECIAL
+    from pipelines.zoo.shapes import vocabulary
+
+    vocab = getattr(getattr(pipe, "tokenizer", None), "get_vocab", dict)()
+    return set(vocab) == set(vocabulary()) | set(SPECIAL)
+
+
+def default_captions(teacher: str, n: int, pipe=None, unplaced: bool = False) -> list[str]:
+    """Training captions for ``teacher``: shapes captions for the shapes models and students made from
+    them (``unplaced``: with the positions left out, for layout controls), else the shipped prompts."""
     from pipelines.zoo import REFERENCES
 
-    if teacher in REFERENCES:
+    if teacher in REFERENCES or (pipe is not None and speaks_shapes(pipe)):
+        import dataclasses
+
         from pipelines.zoo.shapes import caption, sample_scenes
 
-        return [caption(s) for s in sample_scenes("train", n)]
+        scenes = sample_scenes("train", n)
+        if unplaced:
+            scenes = [dataclasses.replace(s, says_position=False) for s in scenes]
+        return [caption(s) for s in scenes]
     if teacher == "tiny":
         return ["a red circle", "a blue square", "two green triangles", "a small yellow star"]
     from caching.ecad_search import default_prompts
@@ -111,11 +128,14 @@ def run(args: argparse.Namespace) -> int:
         config = DistillConfig.load(args.config, method=method, **overrides)
     else:
         config = DistillConfig(method=method, **overrides)
+    pipe = load_teacher(args.teacher)
     if args.captions:
         captions = [line.strip() for line in Path(args.captions).read_text().splitlines() if line.strip()]
     else:
-        captions = default_captions(args.teacher, args.num_captions)
-    pipe = load_teacher(args.teacher)
+        # a layout control carries the positions, so NCT's layout adapter trains on captions without them
+        captions = default_captions(args.teacher, args.num_captions, pipe,
+                                    unplaced=args.method == "nct" and config.control == "layout")
+    _check_vocabulary(pipe, captions)
     if args.method == "msd":
         from pipelines.zoo import REFERENCES
 
@@ -155,6 +175,20 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         print(json.dumps({"pipeline": str(out)}))
     return 0
+
+
+def _check_vocabulary(pipe, captions: list[str], limit: float = 0.5) -> None:
+    """Refuse captions the teacher's tokenizer mostly cannot read (over ``limit`` of their tokens unknown:
+    a word-level tokenizer maps unknown words to its unknown token, and such conditions teach nothing)."""
+    tok = getattr(pipe, "tokenizer", None)
+    unk = getattr(tok, "unk_token_id", None)
+    if tok is None or unk is None:
+        return
+    ids = [i for c in captions[:256] for i in tok(c, add_special_tokens=False)["input_ids"]]
+    share = sum(i == unk for i in ids) / max(len(ids), 1)
+    if share > limit:
+        raise SystemExit(f"{share:.0%} of the caption tokens are unknown to the teacher's tokenizer; pass "
+                         "--captions FILE with captions in its vocabulary")
 
 
 def main(argv=None) -> int:

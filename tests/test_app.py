@@ -14,6 +14,15 @@ T2V_SHIPPED = is_shipped("shapes-t2v")
 VIDEO_MODEL = "shapes-t2v" if T2V_SHIPPED else "tiny-wan"
 
 
+def test_shipped_profile_and_schedule_choices_are_distinct():
+    # greedy and min-sum ERTACache profiles can share a mask at one reuse count (shapes-t2v at 35 %)
+    runner = Runner()
+    for model in ("shapes-t2i", "shapes-t2v"):
+        for method in ("ECAD", "ERTACache"):
+            choices = runner.settings("video" if model == "shapes-t2v" else "image", model, method)
+            assert len(choices) == len(set(choices)), (model, method)
+
+
 def test_runner_errors_are_messages_and_leave_models_clean():
     runner = Runner()
     with pytest.raises(AppError, match="steps must be between 1 and 50"):

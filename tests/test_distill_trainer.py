@@ -288,3 +288,20 @@ def test_control_bench_compares_the_adapted_student_with_the_plain_one(tmp_path)
     export_adapter(adapter, tmp_path / "sign", control="latent-sign")
     with pytest.raises(SystemExit, match="layout adapters"):
         run_control(str(tmp_path / "student"), str(tmp_path / "sign"), n=1, progress=False)
+
+
+def test_students_of_the_shapes_teacher_get_shapes_captions_and_free_text_is_refused():
+    from caching.ecad_search import default_prompts
+    from distill.run import _check_vocabulary, default_captions, speaks_shapes
+    from pipelines.tiny import build_tiny
+    from pipelines.zoo import load_reference
+
+    teacher = load_reference("shapes-t2i")
+    assert speaks_shapes(teacher) and not speaks_shapes(build_tiny("pixart"))
+    # a folder teacher (an exported student) is recognised by its tokenizer
+    placed = default_captions("runs/dmd/pipeline", 50, teacher)
+    unplaced = default_captions("runs/dmd/pipeline", 50, teacher, unplaced=True)
+    assert sum(" at the " in c for c in placed) > 30 and not any(" at the " in c for c in unplaced)
+    _check_vocabulary(teacher, placed)
+    with pytest.raises(SystemExit, match="unknown to the teacher's tokenizer"):
+        _check_vocabulary(teacher, default_prompts())
