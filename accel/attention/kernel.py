@@ -186,6 +186,6 @@ def block_sparse_attn_triton(q, k, v, indices: BlockIndices, heads: torch.Tensor
         kt_.stride(0), kt_.stride(1), kt_.stride(2), vt_.stride(0), vt_.stride(1), vt_.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n, h_g, n_qb, idx.full_idx.shape[-1], idx.part_idx.shape[-1], idx.col_idx.shape[-1], scale * LOG2E,
-        B=b, BLOCK_N=min(b, 64), D=d, HAS_TEXT=has_text, HAS_COLS=bool(int(idx.col_cnt.max()) > 0),
+        B=b, BLOCK_N=min(b, 64), D=d, HAS_TEXT=has_text, HAS_COLS=idx.has_cols,
     )
     return out, lse

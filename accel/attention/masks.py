@@ -152,6 +152,12 @@ class BlockIndices:
     block: int
     tokens: int
     text: torch.Tensor       # bool [H_g]: whether the head sees text keys (all but skip)
+    # whether any head gathers columns: read once here, not per launch (a device sync on a GPU)
+    has_cols: bool | None = None
+
+    def __post_init__(self):
+        if self.has_cols is None:
+            self.has_cols = bool(int(self.col_cnt.max()) > 0) if self.col_cnt.numel() else False
 
     def to(self, device) -> BlockIndices:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
