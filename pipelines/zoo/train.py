@@ -85,7 +85,7 @@ _BACKGROUND = torch.tensor(BACKGROUND, dtype=torch.float32) / 127.5 - 1.0
 
 def _foreground(x: torch.Tensor) -> torch.Tensor:
     """1 where a pixel of `x` (N, 3, ...) in [-1, 1] differs from the background colour, else 0."""
-    bg = _BACKGROUND.view(1, 3, *([1] * (x.ndim - 2)))
+    bg = _BACKGROUND.to(x.device).view(1, 3, *([1] * (x.ndim - 2)))
     return ((x - bg).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)
 
 
