@@ -46,9 +46,10 @@ def speaks_shapes(pipe) -> bool:
     return set(vocab) == set(vocabulary()) | set(SPECIAL)
 
 
-def default_captions(teacher: str, n: int, pipe=None, unplaced: bool = False) -> list[str]:
+def default_captions(teacher: str, n: int, pipe=None, unplaced: bool = False, partial: float = 0.0) -> list[str]:
     """Training captions for ``teacher``: shapes captions for the shapes models and students made from
-    them (``unplaced``: with the positions left out, for layout controls), else the shipped prompts."""
+    them (``unplaced``: with the positions left out, for layout controls; ``partial``: the share leaving
+    out the size, and separately the position), else the shipped prompts."""
     from pipelines.zoo import REFERENCES
 
     if teacher in REFERENCES or (pipe is not None and speaks_shapes(pipe)):
@@ -56,7 +57,7 @@ def default_captions(teacher: str, n: int, pipe=None, unplaced: bool = False) ->
 
         from pipelines.zoo.shapes import caption, sample_scenes
 
-        scenes = sample_scenes("train", n)
+        scenes = sample_scenes("train", n, partial=partial)
         if unplaced:
             scenes = [dataclasses.replace(s, says_position=False) for s in scenes]
         return [caption(s) for s in scenes]
@@ -100,6 +101,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--teacher", default="shapes-t2i")
     ap.add_argument("--captions", help="text file of training captions (one per line)")
     ap.add_argument("--num-captions", type=int, default=4096)
+    ap.add_argument("--partial-captions", type=float, default=0.0,
+                    help="shapes teachers: share of training captions without the size, and separately without the "
+                         "position (the teacher trained with 0.15), so prompts that leave them out are in distribution")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--pairs", type=int, default=0,
                     help="regression: make N (noise, teacher sample) pairs with the teacher's sampler first")
@@ -134,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         # a layout control carries the positions, so NCT's layout adapter trains on captions without them
         captions = default_captions(args.teacher, args.num_captions, pipe,
-                                    unplaced=args.method == "nct" and config.control == "layout")
+                                    unplaced=args.method == "nct" and config.control == "layout",
+                                    partial=args.partial_captions)
     _check_vocabulary(pipe, captions)
     if args.method == "msd":
         from pipelines.zoo import REFERENCES

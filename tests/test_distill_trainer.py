@@ -302,6 +302,9 @@ def test_students_of_the_shapes_teacher_get_shapes_captions_and_free_text_is_ref
     placed = default_captions("runs/dmd/pipeline", 50, teacher)
     unplaced = default_captions("runs/dmd/pipeline", 50, teacher, unplaced=True)
     assert sum(" at the " in c for c in placed) > 30 and not any(" at the " in c for c in unplaced)
+    assert all(" at the " in c for c in placed)                  # full captions unless asked otherwise
+    partial = default_captions("shapes-t2i", 200, partial=0.5)
+    assert 60 < sum(" at the " not in c for c in partial) < 140
     _check_vocabulary(teacher, placed)
     with pytest.raises(SystemExit, match="unknown to the teacher's tokenizer"):
         _check_vocabulary(teacher, default_prompts())
