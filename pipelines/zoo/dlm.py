@@ -259,15 +259,13 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(recipe, len(tokenizer))
+    model = build_model(recipe, len(tokenizer)).to(device)    # before the optimizer: its state follows the params
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     ckpt, meta_file = work / "model.safetensors", work / "meta.json"
     step = 0
     if ckpt.exists() and meta_file.exists():
         model.load_state_dict(load_file(str(ckpt)), strict=False)
         model.tie_weights()
-    model.to(device)            # before the optimizer state is loaded: it follows its parameters' device
-    if ckpt.exists() and meta_file.exists():
         opt_file = work / "optim.pt"
         if opt_file.exists():
             opt.load_state_dict(torch.load(opt_file, weights_only=True, map_location=device))
