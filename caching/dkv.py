@@ -34,15 +34,17 @@ absolute order). Which positions are fed is decided per step by the variant:
 
 Keys are cached after RoPE with explicit absolute ``position_ids``, so attention is order-invariant
 over keys and stock ``LlamaForCausalLM``/``Qwen2ForCausalLM`` (``config.is_causal = False``) need no
-edits. Rows of a batch may feed different numbers of positions: fed and cached index sets are padded
-to the batch maximum and masked with a 4-D attention mask in key order [fed, cached]; padded fed
-slots write their K/V to a spare slot that is never read. Index sets are built on the device with
-sorts and scatters (no per-row loops, no host syncs).
+edits. A step writes the fed positions' fresh K/V into the storage (row copies) and attends over the
+whole storage, keys in absolute order, with a 4-D mask of the valid positions: no gather of the
+served rows and no concatenation. Rows of a batch may feed different numbers of positions: the fed
+index set is padded to the batch maximum, and padded slots write to a spare row that is never read.
+Index sets are built on the device with sorts (no per-row loops; one host sync per step, the width).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -84,14 +86,20 @@ class DKVCacheConfig(PluginConfig):
 
 @dataclass
 class StepPlan:
-    """Which positions a step feeds and serves (all tensors on the model's device)."""
+    """Which positions a step feeds (all tensors on the model's device); every other valid position
+    is served from the cache."""
 
     fed_idx: torch.Tensor  # (B, F) absolute positions fed, padded
     fed_valid: torch.Tensor  # (B, F) bool
-    cached_idx: torch.Tensor | None  # (B, C) absolute positions served from the cache, padded
-    cached_valid: torch.Tensor | None  # (B, C) bool
     length: int  # sequence length L (the storage has L + 1 slots; slot L takes padded writes)
     refresh: bool
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        """(B * F,) storage rows the fed K/V go to: row ``b * (L + 1) + position`` (slot L when padded)."""
+        store = torch.where(self.fed_valid, self.fed_idx, self.length)
+        base = torch.arange(store.shape[0], device=store.device)[:, None] * (self.length + 1)
+        return (store + base).reshape(-1)
 
 
 class DKVLayer(CacheLayerMixin):
@@ -103,29 +111,31 @@ class DKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        shape = (b, h, self.plan.length + 1, d)
+        shape = (b * (self.plan.length + 1), h, d)  # rows (batch, position): a write is a row copy
         self.keys = key_states.new_zeros(shape)
         self.values = value_states.new_zeros(shape)
+        self.batch = b
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         plan = self.plan
-        if not self.is_initialized or plan.refresh or self.keys.shape[0] != key_states.shape[0]:
+        b, h, f, d = key_states.shape
+        if not self.is_initialized or plan.refresh or self.batch != b:
             self.lazy_initialization(key_states, value_states)
-        h, d = key_states.shape[1], key_states.shape[3]
-        store = torch.where(plan.fed_valid, plan.fed_idx, plan.length)
-        index = store[:, None, :, None].expand(-1, h, -1, d)
-        self.keys.scatter_(2, index, key_states)
-        self.values.scatter_(2, index, value_states)
-        if plan.cached_idx is None:
+        self.keys.index_copy_(0, plan.rows, key_states.transpose(1, 2).reshape(b * f, h, d))
+        self.values.index_copy_(0, plan.rows, value_states.transpose(1, 2).reshape(b * f, h, d))
+        if plan.refresh:
             return key_states, value_states
-        served = plan.cached_idx[:, None, :, None].expand(-1, h, -1, d)
-        return (torch.cat([key_states, self.keys.gather(2, served)], 2),
-                torch.cat([value_states, self.values.gather(2, served)], 2))
+        # the fed rows are fresh in the storage now: attend over all of it in absolute order (no
+        # gather of the served rows, no concatenation; invalid positions are masked)
+        n = plan.length
+        return (self.keys.view(b, n + 1, h, d)[:, :n].transpose(1, 2),
+                self.values.view(b, n + 1, h, d)[:, :n].transpose(1, 2))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        cached = 0 if self.plan is None or self.plan.cached_idx is None else self.plan.cached_idx.shape[1]
-        return query_length + cached, 0
+        if self.plan is None or self.plan.refresh:
+            return query_length, 0
+        return self.plan.length, 0
 
     def get_seq_length(self) -> int:
         return 0  # positions are always passed explicitly
@@ -158,15 +168,9 @@ def forward_subset(model, cache: DKVCache, x, attention, positions, fed, refresh
     """Run ``model`` (or ``call``, its unhooked forward) on the ``fed`` positions of ``x`` (B, L), serving
     the other valid positions from ``cache`` (or rebuilding it when ``refresh``); returns (B, L, V)
     logits, zero where not fed."""
-    valid = attention.bool()
     fed_idx, fed_valid = _pack(fed)
-    if refresh:
-        cached_idx = cached_valid = None
-        key_valid = fed_valid
-    else:
-        cached_idx, cached_valid = _pack(valid & ~fed)
-        key_valid = torch.cat([fed_valid, cached_valid], 1)
-    cache.set_plan(StepPlan(fed_idx, fed_valid, cached_idx, cached_valid, x.shape[1], refresh))
+    key_valid = fed_valid if refresh else attention.bool()  # keys: the fed rows, or the whole storage
+    cache.set_plan(StepPlan(fed_idx, fed_valid, x.shape[1], refresh))
     q = fed_idx.shape[1]
     mask = key_valid[:, None, None, :].expand(-1, 1, q, -1)
     if model.config._attn_implementation == "eager":

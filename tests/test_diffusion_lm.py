@@ -20,7 +20,7 @@ from pipelines.zoo.dlm import (
 
 TINY = DLMRecipe(hidden=32, layers=2, heads=2, intermediate=64, batch=8, steps=6, warmup=2, checkpoint_every=3,
                  eval_every=1000, train_tasks=64, train_lengths=(16, 32), few_shot_steps=4, few_shot_rate=1.0,
-                 max_shots=3)
+                 max_shots=3, refine_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,15 @@ def test_batched_generation_equals_per_prompt_generation(pipe):
 def test_training_resumes_and_the_saved_pipeline_loads(tmp_path):
     straight = train(tmp_path / "a", TINY, progress=False)
     assert train(tmp_path / "b", TINY, progress=False, stop_at=3) is None
+    assert train(tmp_path / "b", TINY, progress=False, stop_at=12) is None   # inside stage 3 (from step 10)
+    moments = torch.load(tmp_path / "b" / "optim.pt", weights_only=True)["state"]
+    assert {float(s["step"]) for s in moments.values()} == {2.0}  # stage 3's fresh optimizer took 2 steps
     resumed = train(tmp_path / "b", TINY, progress=False)
     a, b = load_pipeline(straight), load_pipeline(resumed)
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
     losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert len(losses) == 4 and all(loss > 0 for loss in losses)      # checkpoints 3, 6 | 9, 10 (stage 2)
+    assert len(losses) == 5 and all(loss > 0 for loss in losses)  # checkpoints 3, 6 | 9 (stage 2) | 12, 13
     assert a.model.config.is_causal is False and a.tokenizer.mask_token == "<mask>"
     assert isinstance(a(["copy:abcdefgh|"], gen_length=32, block_length=32, steps=8)[0], str)
 
@@ -118,6 +121,7 @@ def test_stage_two_puts_solved_tasks_in_front_of_the_prompt():
         assert shots[-1] == t.prompt and lt.answer == t.answer and 1 <= len(shots) - 1 <= TINY.max_shots
         assert all(any(s == q.prompt + q.answer for q in pool) for s in shots[:-1])
     assert _lr(TINY.steps, TINY) == pytest.approx(TINY.few_shot_lr)        # stage 2 restarts its own schedule
+    assert _lr(TINY.refine_start, TINY) == pytest.approx(TINY.refine_lr)   # and so does stage 3
 
 
 def test_dllm_bench_harness_on_a_tiny_model(tmp_path):

@@ -34,7 +34,7 @@ def test_cached_logits_equal_the_full_forward(attn):
     cache = DKVCache(model.config.num_hidden_layers)
     valid = attention.bool()
     idx, ok = _pack(valid)
-    cache.set_plan(StepPlan(idx, ok, None, None, 20, True))
+    cache.set_plan(StepPlan(idx, ok, 20, True))
     mask = ok[:, None, None, :].expand(-1, 1, idx.shape[1], -1)
     if attn == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -45,10 +45,8 @@ def test_cached_logits_equal_the_full_forward(attn):
     fed[0, [2, 5, 9]] = True
     fed[1, [4, 19]] = True
     f_idx, f_ok = _pack(fed)
-    c_idx, c_ok = _pack(valid & ~fed)
-    cache.set_plan(StepPlan(f_idx, f_ok, c_idx, c_ok, 20, False))
-    keys = torch.cat([f_ok, c_ok], 1)
-    mask = keys[:, None, None, :].expand(-1, 1, f_idx.shape[1], -1)
+    cache.set_plan(StepPlan(f_idx, f_ok, 20, False))
+    mask = valid[:, None, None, :].expand(-1, 1, f_idx.shape[1], -1)  # keys: the whole storage
     if attn == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     out = model(input_ids=x.gather(1, f_idx), position_ids=positions.gather(1, f_idx), attention_mask=mask,

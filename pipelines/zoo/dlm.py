@@ -128,10 +128,19 @@ class DLMRecipe:
     few_shot_rate: float = 0.5
     max_shots: int = 10
     few_shot_lr: float = 2e-4
+    # stage 3: a second long-context pass, the same batches as stage 2, from a fresh optimizer state
+    # at ``refine_lr`` decaying to 5% of it. After stage 2 the model solved 94% of short tasks but
+    # only 70% of 10-shot ones (sort 31%: letters taken from the shots).
+    refine_steps: int = 3000
+    refine_lr: float = 3e-4
+
+    @property
+    def refine_start(self) -> int:
+        return self.steps + self.few_shot_steps
 
     @property
     def total_steps(self) -> int:
-        return self.steps + self.few_shot_steps
+        return self.refine_start + self.refine_steps
 
 
 def build_model(recipe: DLMRecipe, vocab_size: int):
@@ -195,6 +204,8 @@ def _cosine(base: float, frac: float) -> float:
 
 
 def _lr(step: int, recipe: DLMRecipe) -> float:
+    if step >= recipe.refine_start:  # stage 3 (long contexts again)
+        return _cosine(recipe.refine_lr, (step - recipe.refine_start) / max(1, recipe.refine_steps))
     if step >= recipe.steps:       # stage 2 (long contexts)
         return _cosine(recipe.few_shot_lr, (step - recipe.steps) / max(1, recipe.few_shot_steps))
     if step < recipe.warmup:
@@ -285,6 +296,8 @@ def train(work_dir: str | os.PathLike, recipe: DLMRecipe | None = None, out: str
             if step >= recipe.steps and float(torch.rand(1, generator=gen)) < recipe.few_shot_rate:
                 tasks = _with_shots(tasks, train_tasks, recipe, gen)
             ids, answer, attn = (x.to(device) for x in batch_of(tasks, tokenizer, length))
+            if step == recipe.refine_start and recipe.refine_steps:
+                opt.state.clear()  # stage 3 starts from fresh moments
             for group in opt.param_groups:
                 group["lr"] = _lr(step, recipe)
             loss = masked_diffusion_loss(model, ids, answer, attn, tokenizer.mask_token_id, gen)
