@@ -188,10 +188,19 @@ def _mag_ratios(pipe, prompt: str, call: dict) -> list[float]:
     return [float(v) for v in found[-1].split(",")]
 
 
+# the peers' settings (thresholds, TaylorSeer's interval) spanning ~1.2-2.5x at 20 and at 50 steps
+PEER_SETTINGS = {
+    20: {"FirstBlockCache": (0.1, 0.2, 0.3, 0.5), "MagCache": (0.03, 0.06, 0.12, 0.24),
+         "TaylorSeer": (2, 3, 4, 5), "SeaCache": (0.1, 0.25, 0.4, 0.6)},
+    50: {"FirstBlockCache": (0.05, 0.1, 0.2, 0.3, 0.5), "MagCache": (0.03, 0.06, 0.12, 0.24, 0.48),
+         "TaylorSeer": (2, 4, 6, 8), "SeaCache": (0.25, 0.6, 1.0, 1.5, 2.5)},
+}
+
+
 def _erta_suite(name: str, profiles: list, taylor_ids: list[str]) -> Suite:
     """ERTACache profiles (each as mask only, + rectification, + interval adjustment) against
-    FirstBlockCache, MagCache (ratios calibrated on this model), TaylorSeer and SeaCache at four
-    settings each, on the held-out prompts of a reference model."""
+    FirstBlockCache, MagCache (ratios calibrated on this model), TaylorSeer and SeaCache at four or
+    five settings each, on the held-out prompts of a reference model, at the profiles' step count."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, SeaCacheConfig, TaylorSeerCacheConfig
 
     suite = _reference(name)
@@ -206,18 +215,23 @@ def _erta_suite(name: str, profiles: list, taylor_ids: list[str]) -> Suite:
             entries.append(BenchEntry(f"{tag} {label} x{target}", (variant,), family=family,
                                       settings={"target_speedup": target, "mask": p.mask, "variant": label,
                                                 "mask_rule": rule}))
+    steps = sorted({p.num_steps for p in profiles})
+    if len(steps) > 1:
+        raise SystemExit(f"the ERTACache profiles were made for different step counts {steps}: bench one at a time")
     call = suite.call_kwargs
+    call["num_inference_steps"] = steps[0]  # the profiles' step count
+    settings = PEER_SETTINGS[20 if steps[0] <= 30 else 50]
     ratios = _mag_ratios(suite.pipe, suite.prompts[0], dict(call, output_type="latent"))
     entries += [BenchEntry(f"FirstBlockCache t={t}", (FirstBlockCacheConfig(threshold=t),), peer=True,
-                           settings={"threshold": t}) for t in (0.1, 0.2, 0.3, 0.5)]
+                           settings={"threshold": t}) for t in settings["FirstBlockCache"]]
     entries += [BenchEntry(f"MagCache t={t}", (MagCacheConfig(
         threshold=t, num_inference_steps=call["num_inference_steps"], mag_ratios=ratios, retention_ratio=0.1),),
-        peer=True, settings={"threshold": t}) for t in (0.03, 0.06, 0.12, 0.24)]
+        peer=True, settings={"threshold": t}) for t in settings["MagCache"]]
     entries += [BenchEntry(f"TaylorSeer n={n}", (TaylorSeerCacheConfig(
         cache_interval=n, disable_cache_before_step=2, taylor_factors_dtype=None, cache_identifiers=taylor_ids),),
-        peer=True, settings={"cache_interval": n}) for n in (2, 3, 4, 5)]
+        peer=True, settings={"cache_interval": n}) for n in settings["TaylorSeer"]]
     entries += [BenchEntry(f"SeaCache t={t}", (SeaCacheConfig(threshold=t),), peer=True, settings={"threshold": t})
-                for t in (0.1, 0.25, 0.4, 0.6)]
+                for t in settings["SeaCache"]]
     suite.entries = entries
     suite.compare = "ERTACache"
     suite.compare_speedups = (1.5, 2.0)
@@ -294,9 +308,10 @@ def _plan_density(plan) -> float:
 
 def erta_shapes_t2v(schedules: str | None = None) -> Suite:
     """ERTACache on shapes-t2v (flow-matching Euler: the interval adjustment is exact), the shipped
-    profiles or those in ``schedules``, against the same four caches as on shapes-t2i."""
+    profiles or those in ``schedules``, against the same four caches as on shapes-t2i. The VAE
+    decode of a clip costs as much as ~16 denoiser steps on a CPU: at 20 steps no cache reaches 2x
+    end to end, at 50 (Wan's default; profiles made with ``--steps 50``) they can."""
     suite = _erta_suite("shapes-t2v", _erta_profiles("shapes-t2v", schedules), TAYLOR_IDS["wan"])
-    # the VAE decode is about half of a clip's latency: no cache reaches 1.5x end to end
     suite.compare_on = ("speedup", "denoiser_speedup")
     return suite
 
