@@ -151,7 +151,7 @@ def test_shipped_dlm_tasks_loads_and_answers_held_out_tasks():
     assert tok.mask_token == "<mask>" and tok.eos_token == "<eos>" and tok.chat_template
     assert pipe.model.config.is_causal is False
     report = evaluate(pipe, n=16)          # greedy, one token per step: deterministic
-    # measured on 200 held-out tasks when shipped: 92.5% (copy 100%, reverse 94%, sort 80%, add 96%)
+    # measured on 200 held-out tasks when shipped: 97.0% (copy, reverse and add 100%, sort 88%)
     assert report["exact_match"] >= 0.8, report["per_task"]
     chat = pipe(["copy:abcdefgh|"], chat=True, gen_length=32, block_length=32, steps=32)[0]
     assert chat == "abcdefgh"

@@ -135,3 +135,18 @@ def test_residual_profile_seeds_enter_the_first_generation(tmp_path):
             for rec in first}
     assert {m[1:] for m in masks} <= rows
     assert np.isfinite([rec["psnr"] for rec in first]).all()
+
+
+def test_speedup_band_runs_only_schedules_inside_it(tmp_path):
+    from caching.ecad_search import SearchSettings
+
+    work = tmp_path / "band"
+    args = [*ARGS, "--speedup-range", "1.5", "2.5", "--work-dir", str(work), "--generations", "3"]
+    assert main(args) == 0
+    run = [json.loads(line) for line in (work / "evals.rank0.jsonl").read_text().splitlines()]
+    assert run and all(1.5 <= r["macs_speedup"] <= 2.5 for r in run)      # nothing outside was generated
+    files = sorted((work / "frontier").glob("*.json"))
+    assert files and all(1.5 <= ECADConfig.load(f).provenance["macs_speedup"] <= 2.5 for f in files)
+    assert main([*args, "--resume"]) == 0                                   # the stored band matches
+    with pytest.raises(Exception, match="speedup_range"):
+        SearchSettings(speedup_range=(2.5, 1.5))
