@@ -97,7 +97,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("<[a-z]+>|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", mask_token="<mask>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>", model_max_length=256)
+                                   bos_token="<bos>", unk_token="<unk>", model_max_length=512)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
