@@ -114,13 +114,12 @@ class DKVLayer(CacheLayerMixin):
         shape = (b * (self.plan.length + 1), h, d)  # rows (batch, position): a write is a row copy
         self.keys = key_states.new_zeros(shape)
         self.values = value_states.new_zeros(shape)
-        self.batch = b
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         plan = self.plan
         b, h, f, d = key_states.shape
-        if not self.is_initialized or plan.refresh or self.batch != b:
+        if not self.is_initialized or plan.refresh or self.keys.shape[0] != b * (plan.length + 1):
             self.lazy_initialization(key_states, value_states)
         self.keys.index_copy_(0, plan.rows, key_states.transpose(1, 2).reshape(b * f, h, d))
         self.values.index_copy_(0, plan.rows, value_states.transpose(1, 2).reshape(b * f, h, d))

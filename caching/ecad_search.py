@@ -341,12 +341,15 @@ class _Evaluator:
         rows = genome.reshape(self.steps - 1, len(self.slots))
         return np.vstack([np.ones((1, len(self.slots)), bool), rows])
 
+    def costs(self, bits: np.ndarray) -> dict:
+        """Analytic MACs and latency of a schedule and the speedups they give (no generation)."""
+        macs, latency = self.macs(bits), self.latency(bits)
+        return {"macs": macs, "latency_s": latency, "macs_speedup": self.base_macs / macs,
+                "speedup": self.base_latency / latency}
+
     def estimate(self, genome: np.ndarray) -> float:
-        """Estimated speedup of a genome by the search's cost model (no generation)."""
-        bits = self.bits(genome)
-        if self.settings.cost == "macs":
-            return self.base_macs / self.macs(bits)
-        return self.base_latency / self.latency(bits)
+        """Estimated speedup of a genome by the search's cost model."""
+        return self.costs(self.bits(genome))["macs_speedup" if self.settings.cost == "macs" else "speedup"]
 
     def cost(self, record: dict) -> float:
         return record["macs"] / 1e9 if self.settings.cost == "macs" else record["latency_s"]
@@ -355,9 +358,7 @@ class _Evaluator:
         """Evaluate one genome; ``front`` is (cost, quality) of the archive at generation start."""
         bits = self.bits(genome)
         config = ECADConfig.from_bits(self.pipe, bits)
-        record = {"key": _key(genome), "macs": self.macs(bits), "latency_s": self.latency(bits)}
-        record["macs_speedup"] = self.base_macs / record["macs"]
-        record["speedup"] = self.base_latency / record["latency_s"]
+        record = {"key": _key(genome), **self.costs(bits)}
         cost, q = self.cost(record), self.settings.quality
         outputs = []
         with api.applying(self.pipe, config):
