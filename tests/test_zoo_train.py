@@ -67,6 +67,56 @@ def test_high_noise_share_draws_timesteps_from_the_upper_half():
     assert uniform.min() < 500 and high.min() >= 500
 
 
+def test_caption_labels_follow_each_phrase():
+    from pipelines.zoo.recipes import build_tokenizer
+    from pipelines.zoo.train import caption_labels
+
+    labels = caption_labels(build_tokenizer(), ["a small blue square at the top left and a red circle", ""], 14)
+    first = labels[0]
+    # words 0-7 describe the blue square (colour 2, shape 1, size 0, cell (0, 0) = 0); "and" is unlabelled
+    assert first[:8].tolist() == [[2, 1, 0, 0]] * 8
+    assert first[8].tolist() == [-100] * 4
+    # "a red circle": colour 0, shape 0, size and position unstated; then the end token and padding
+    assert first[9:12].tolist() == [[0, 0, -100, -100]] * 3
+    assert (first[12:] == -100).all() and (labels[1] == -100).all()
+
+
+def test_text_aux_loss_teaches_the_encoder_and_is_dropped_from_the_pipeline(tmp_path):
+    from pipelines.zoo.recipes import build_components
+    from pipelines.zoo.train import caption_labels, pipeline_from_checkpoint, text_aux_head, text_aux_loss
+
+    r = tiny_recipe("shapes-t2i").replace(text_aux_weight=1.0)
+    parts = build_components(r)
+    head, enc = text_aux_head(r), parts["text_encoder"]
+    texts = ["a large green triangle at the bottom and a small cyan circle at the top right"] * 4
+    ids = parts["tokenizer"](texts, padding="max_length", max_length=20, return_tensors="pt")
+    labels = caption_labels(parts["tokenizer"], texts, 20)
+    opt = torch.optim.Adam([*head.parameters(), *enc.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = text_aux_loss(head, enc(ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    # the head trains, checkpoints and resumes with the denoiser, and the exported pipeline has no trace of it
+    recipe = r.replace(steps=4, checkpoint_every=2)
+    straight = train(recipe, tmp_path / "a", progress=False)
+    assert any(k.startswith("text_aux.") for k in load_file(tmp_path / "a" / "denoiser" / "model.safetensors"))
+    assert train(recipe, tmp_path / "b", progress=False, stop_at=2) is None
+    resumed = train(recipe, tmp_path / "b", progress=False)
+    for component in ("transformer", "text_encoder"):
+        a, b = _weights(straight, component), _weights(resumed, component)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    plain = train(recipe.replace(text_aux_weight=0.0), tmp_path / "c", progress=False)
+    assert any(not torch.equal(v, _weights(plain, "text_encoder")[k])
+               for k, v in _weights(straight, "text_encoder").items())
+    pipe = pipeline_from_checkpoint(recipe, tmp_path / "a")
+    assert set(pipe.components) == {"tokenizer", "text_encoder", "vae", "transformer", "scheduler"}
+
+
 def test_tiny_t2v_trains_and_generates(tmp_path):
     from diffusers import WanPipeline
 

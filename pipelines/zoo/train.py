@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .evaluate import parse_prompt
 from .recipes import RECIPES, Recipe, assemble, build_components
-from .shapes import BACKGROUND, caption, render_clip, render_image, sample_scenes
+from .shapes import BACKGROUND, CELLS, COLOURS, SHAPES, SIZES, caption, render_clip, render_image, sample_scenes
 
 
 def _atomic_dir_write(target: Path, write) -> None:
@@ -195,12 +196,64 @@ def _tokenize(tokenizer, texts, length):
     return t.input_ids, t.attention_mask
 
 
-def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, gen: torch.Generator):
-    """Training loss of the denoiser in the parameterisation its shipped scheduler integrates."""
+# the auxiliary text head's targets: (attribute, its classes), in the order of the head's logits
+ATTRIBUTES = (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", SIZES), ("position", CELLS))
+
+
+def caption_labels(tokenizer, texts, length: int) -> torch.Tensor:
+    """(batch, length, 4) class indices of the object each token's phrase describes, -100 where none.
+
+    Word ``w`` of caption ``b`` (the tokenizer is word-level, one token a word) belongs to the phrase
+    between two "and"s; its labels are that object's colour, shape, size and cell by the shapes
+    grammar. "and", the end token, padding and attributes the caption leaves out are -100.
+    """
+    out = torch.full((len(texts), length, len(ATTRIBUTES)), -100, dtype=torch.long)
+    for b, text in enumerate(texts):
+        if not text:
+            continue
+        objects, phrase = parse_prompt(text), 0
+        for w, word in enumerate(text.split()[:length]):
+            if word == "and":
+                phrase += 1
+                continue
+            for a, (name, classes) in enumerate(ATTRIBUTES):
+                value = objects[phrase][name]
+                if value is not None:
+                    out[b, w, a] = classes.index(value)
+    return out
+
+
+def text_aux_head(r: Recipe) -> torch.nn.Linear:
+    """The training-only linear head of ``Recipe.text_aux_weight`` (seeded: resumes rebuild it alike)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        return torch.nn.Linear(r.text_dim, sum(len(c) for _, c in ATTRIBUTES))
+
+
+def text_aux_loss(head: torch.nn.Linear, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the head's reading of every labelled token, over the four attributes."""
+    logits, start, total = head(emb), 0, emb.new_zeros(())
+    labels = labels.to(emb.device)
+    for a, (_, classes) in enumerate(ATTRIBUTES):
+        part = logits[..., start:start + len(classes)]
+        start += len(classes)
+        if (labels[..., a] >= 0).any():
+            total = total + F.cross_entropy(part.reshape(-1, len(classes)), labels[..., a].reshape(-1),
+                                            ignore_index=-100)
+    return total / len(ATTRIBUTES)
+
+
+def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, gen: torch.Generator,
+                  aux_head: torch.nn.Linear | None = None):
+    """Training loss of the denoiser in the parameterisation its shipped scheduler integrates
+    (plus ``r.text_aux_weight`` times the text head's loss when ``aux_head`` is given)."""
     dev = x0.device
     ids, mask = _tokenize(parts["tokenizer"], texts, r.text_max_length)
     ids, mask = ids.to(dev), mask.to(dev)
     emb = text_encoder(ids, attention_mask=mask).last_hidden_state
+    aux = None
+    if aux_head is not None:
+        aux = text_aux_loss(aux_head, emb, caption_labels(parts["tokenizer"], texts, ids.shape[1]))
     if _video(r):
         # WanPipeline zeroes the embeddings past each prompt and pads them to its max_sequence_length
         emb = emb * mask.unsqueeze(-1).to(emb.dtype)
@@ -237,7 +290,8 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
             xt, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=timestep,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
         )[0]
-    return F.mse_loss(pred, target)
+    loss = F.mse_loss(pred, target)
+    return loss if aux is None else loss + r.text_aux_weight * aux
 
 
 def _wan_text_length() -> int:
@@ -265,8 +319,11 @@ def _recipe(name_or_recipe) -> Recipe:
     return RECIPES[name_or_recipe] if isinstance(name_or_recipe, str) else name_or_recipe
 
 
-def _trainables(parts):
-    return {"transformer": parts["transformer"], "text_encoder": parts["text_encoder"]}
+def _trainables(parts, r: Recipe):
+    nets = {"transformer": parts["transformer"], "text_encoder": parts["text_encoder"]}
+    if r.text_aux_weight:
+        nets["text_aux"] = text_aux_head(r)
+    return nets
 
 
 def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progress: bool = True,
@@ -274,7 +331,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
     """Train (or resume) the text encoder and denoiser; False when stopped early at `stop_at`."""
     from diffusers.training_utils import EMAModel
 
-    nets = _trainables(parts)
+    nets = _trainables(parts, r)
     for m in nets.values():
         m.to(device)
     latents = latents.to(device)
@@ -306,7 +363,8 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
         idx, texts = draw(r.batch, gen)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r.steps, r.lr, r.warmup)
-        loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen)
+        loss = denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"], latents[idx], texts, gen,
+                             nets.get("text_aux"))
         if r.image_batch and _video(r):
             idx, texts = draw(r.image_batch, gen)
             # a later latent frame of each clip: the causal VAE's first one carries the object weakly
@@ -314,7 +372,7 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
             t = latents.shape[2]
             frame = torch.randint(min(1, t - 1), t, (r.image_batch,), generator=gen).to(device)
             loss = loss + denoiser_loss(r, parts, nets["transformer"], nets["text_encoder"],
-                                        latents[idx, :, frame].unsqueeze(2), texts, gen)
+                                        latents[idx, :, frame].unsqueeze(2), texts, gen, nets.get("text_aux"))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}; resume from the last checkpoint with a lower lr")
         opt.zero_grad(set_to_none=True)
@@ -358,7 +416,7 @@ def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
     parts = build_components(r)
     parts["vae"].load_state_dict(load_file(work / "vae" / "vae.safetensors"))
     encode_dataset(r, parts["vae"], work, progress=False)          # cached latents: sets the scaling
-    nets = _trainables(parts)
+    nets = _trainables(parts, r)
     _load_nets(nets, work / "denoiser")
     if ema:
         params = [p for m in nets.values() for p in m.parameters()]
