@@ -236,7 +236,8 @@ def _ecad_search(args: argparse.Namespace) -> int:
 
     settings = SearchSettings(pop_size=args.pop_size, generations=args.generations, seed=args.seed,
                               cost=args.cost, reject_margin=args.reject_margin if args.reject_margin >= 0 else None,
-                              profile_seeds=args.profile_seeds, speedup_range=args.speedup_range)
+                              profile_seeds=args.profile_seeds, speedup_range=args.speedup_range,
+                              latency_threads=args.latency_threads or None)
     result = search(pipe, prompts, args.work_dir, settings, call_kwargs=call, scorer=scorer, resume=args.resume,
                     progress=not args.quiet)
     from pathlib import Path
@@ -410,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--speedup-range", type=float, nargs=2, metavar=("LO", "HI"),
                     help="only run schedules whose estimated speedup is in [LO, HI] (the population refines that band)")
     es.add_argument("--threads", type=int, default=0)
+    es.add_argument("--latency-threads", type=int, default=0,
+                    help="CPU threads while timing components for the latency cost model (default: --threads); "
+                         "set it to the thread count the schedules will run at, e.g. under torchrun")
     es.add_argument("--quiet", action="store_true")
     es.set_defaults(func=_ecad_search)
     eshow = esub.add_parser("show", help="summarise a schedule file and draw its heat-map")

@@ -150,3 +150,26 @@ def test_speedup_band_runs_only_schedules_inside_it(tmp_path):
     assert main([*args, "--resume"]) == 0                                   # the stored band matches
     with pytest.raises(Exception, match="speedup_range"):
         SearchSettings(speedup_range=(2.5, 1.5))
+
+
+def test_latency_costs_are_timed_at_the_requested_thread_count(tmp_path, monkeypatch):
+    import torch
+
+    from caching import ecad_search
+
+    seen = []
+    real = ecad_search.measure_latency
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ecad_search, "measure_latency", spy)
+    work = tmp_path / "threads"
+    args = [*ARGS, "--latency-threads", "2", "--work-dir", str(work)]
+    args[args.index("--generations") + 1] = "1"
+    assert main(args) == 0
+    assert seen == [2] and torch.get_num_threads() == 1                # timed at 2, the search ran at 1
+    assert json.loads((work / "costs.json").read_text())["latency"]["threads"] == 2
+    with pytest.raises(Exception, match="latency_threads"):
+        ecad_search.SearchSettings(latency_threads=0)
