@@ -435,8 +435,11 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
             raise ConfigError(f"{work_dir} already holds a search; pass resume=True (--resume) or another directory")
         if resume and search_file.exists():
             old = json.loads(search_file.read_text())
+            # a setting added after the search was stored takes its default (its behaviour then)
+            defaults = json.loads(json.dumps(dataclasses.asdict(SearchSettings())))
+            old["settings"] = {**defaults, **old.get("settings", {})}
             # more generations continue the same trajectory; anything else would change it
-            old.get("settings", {}).pop("generations", None)
+            old["settings"].pop("generations", None)
             now = {**meta, "settings": {k: v for k, v in meta["settings"].items() if k != "generations"}}
             if {k: old.get(k) for k in now} != now:
                 diff = [k for k in now if old.get(k) != now[k]]

@@ -73,6 +73,10 @@ def test_a_finished_search_extends_with_more_generations(uninterrupted, tmp_path
 
     work = tmp_path / "extended"
     shutil.copytree(uninterrupted, work)
+    # a search stored before a setting existed resumes with that setting at its default
+    stored = json.loads((work / "search.json").read_text())
+    del stored["settings"]["latency_threads"], stored["settings"]["speedup_range"]
+    (work / "search.json").write_text(json.dumps(stored))
     before = _evaluated(work)
     longer = [a if a != "4" else "6" for a in ARGS]  # --generations 6
     assert main([*longer, "--work-dir", str(work), "--resume"]) == 0
