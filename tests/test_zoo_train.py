@@ -183,7 +183,7 @@ def test_shipped_shapes_t2i_default_call_and_adherence():
     assert image.size == (256, 256)
     report, _ = evaluate_pipeline(pipe, "shapes-t2i", n=8, progress=False)
     # the 200-prompt figure is in benchmarks/results; this guards against a broken or swapped model
-    assert report["overall"] >= 0.4, report["attributes"]      # chance is about 0.28
+    assert report["overall"] >= 0.7, report["attributes"]      # chance is about 0.28; shipped: 0.93 on 200
 
 
 @pytest.mark.skipif(not is_shipped("shapes-t2v"), reason="shapes-t2v is not trained and shipped yet")
