@@ -419,13 +419,17 @@ def _state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _as_stored(settings: SearchSettings) -> dict:
+    """The settings as ``search.json`` holds them (JSON: tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
 def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool, state) -> tuple[list, dict]:
     """References and cost tables: computed once (main process) and stored, or read back on resume."""
     from accelerate.utils import broadcast_object_list
     from safetensors.torch import load_file, save_file
 
-    settings_json = json.loads(json.dumps(dataclasses.asdict(settings)))  # tuples as lists, as stored
-    meta = {"settings": settings_json, "prompts": list(prompts),
+    meta = {"settings": _as_stored(settings), "prompts": list(prompts),
             "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
             "model_class": type(pipe.transformer).__name__, "slots": slot_names(pipe)}
     search_file = work_dir / "search.json"
@@ -436,8 +440,7 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
         if resume and search_file.exists():
             old = json.loads(search_file.read_text())
             # a setting added after the search was stored takes its default (its behaviour then)
-            defaults = json.loads(json.dumps(dataclasses.asdict(SearchSettings())))
-            old["settings"] = {**defaults, **old.get("settings", {})}
+            old["settings"] = {**_as_stored(SearchSettings()), **old.get("settings", {})}
             # more generations continue the same trajectory; anything else would change it
             old["settings"].pop("generations", None)
             now = {**meta, "settings": {k: v for k, v in meta["settings"].items() if k != "generations"}}
@@ -449,13 +452,14 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
             refs = [_generate(pipe, p, settings.image_seed + i, call_kwargs) for i, p in enumerate(prompts)]
             save_file({f"ref{i}": r.contiguous() for i, r in enumerate(refs)}, str(ref_file))
             threads = torch.get_num_threads()
-            torch.set_num_threads(settings.latency_threads or threads)
+            timed_at = settings.latency_threads or threads
+            torch.set_num_threads(timed_at)
             try:
                 costs = {"macs": measure_costs(pipe, prompts[0], call_kwargs, settings.image_seed),
                          "latency": measure_latency(pipe, prompts[0], call_kwargs, settings.image_seed)}
             finally:
                 torch.set_num_threads(threads)
-            costs["latency"]["threads"] = settings.latency_threads or threads
+            costs["latency"]["threads"] = timed_at
             _atomic_json(cost_file, costs)
         _atomic_json(search_file, meta)
     state.wait_for_everyone()

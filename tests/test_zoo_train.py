@@ -71,7 +71,8 @@ def test_caption_labels_follow_each_phrase():
     from pipelines.zoo.recipes import build_tokenizer
     from pipelines.zoo.train import caption_labels
 
-    labels = caption_labels(build_tokenizer(), ["a small blue square at the top left and a red circle", ""], 14)
+    texts = ["a small blue square at the top left and a red circle", ""]
+    labels = caption_labels(build_tokenizer()(texts, padding="max_length", max_length=14, return_tensors="pt"), texts)
     first = labels[0]
     # words 0-7 describe the blue square (colour 2, shape 1, size 0, cell (0, 0) = 0); "and" is unlabelled
     assert first[:8].tolist() == [[2, 1, 0, 0]] * 8
@@ -90,7 +91,7 @@ def test_text_aux_loss_teaches_the_encoder_and_is_dropped_from_the_pipeline(tmp_
     head, enc = text_aux_head(r), parts["text_encoder"]
     texts = ["a large green triangle at the bottom and a small cyan circle at the top right"] * 4
     ids = parts["tokenizer"](texts, padding="max_length", max_length=20, return_tensors="pt")
-    labels = caption_labels(parts["tokenizer"], texts, 20)
+    labels = caption_labels(ids, texts)
     opt = torch.optim.Adam([*head.parameters(), *enc.parameters()], lr=1e-2)
     losses = []
     for _ in range(30):

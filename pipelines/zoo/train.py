@@ -192,34 +192,36 @@ def encode_dataset(r: Recipe, vae, work: Path, progress: bool = True, device="cp
 # --------------------------------------------------------------------------- stage 3: denoiser
 
 def _tokenize(tokenizer, texts, length):
-    t = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    return t.input_ids, t.attention_mask
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
 
 
 # the auxiliary text head's targets: (attribute, its classes), in the order of the head's logits
 ATTRIBUTES = (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", SIZES), ("position", CELLS))
 
 
-def caption_labels(tokenizer, texts, length: int) -> torch.Tensor:
+def caption_labels(encoding, texts) -> torch.Tensor:
     """(batch, length, 4) class indices of the object each token's phrase describes, -100 where none.
 
-    Word ``w`` of caption ``b`` (the tokenizer is word-level, one token a word) belongs to the phrase
-    between two "and"s; its labels are that object's colour, shape, size and cell by the shapes
-    grammar. "and", the end token, padding and attributes the caption leaves out are -100.
+    ``encoding`` is the tokenizer's batch output for ``texts`` (a fast tokenizer: its ``word_ids``
+    map each token to its word). A word belongs to the phrase between two "and"s; its labels are that
+    object's colour, shape, size and cell by the shapes grammar. "and", the end token, padding and
+    attributes the caption leaves out are -100.
     """
-    out = torch.full((len(texts), length, len(ATTRIBUTES)), -100, dtype=torch.long)
+    out = torch.full((*encoding["input_ids"].shape, len(ATTRIBUTES)), -100, dtype=torch.long)
     for b, text in enumerate(texts):
         if not text:
             continue
-        objects, phrase = parse_prompt(text), 0
-        for w, word in enumerate(text.split()[:length]):
-            if word == "and":
-                phrase += 1
+        objects, phrases, phrase = parse_prompt(text), [], 0
+        for word in text.split():
+            phrase += word == "and"
+            phrases.append(None if word == "and" else phrase)
+        for pos, w in enumerate(encoding.word_ids(b)):
+            if w is None or phrases[w] is None:
                 continue
             for a, (name, classes) in enumerate(ATTRIBUTES):
-                value = objects[phrase][name]
+                value = objects[phrases[w]][name]
                 if value is not None:
-                    out[b, w, a] = classes.index(value)
+                    out[b, pos, a] = classes.index(value)
     return out
 
 
@@ -248,12 +250,12 @@ def denoiser_loss(r: Recipe, parts: dict, transformer, text_encoder, x0, texts, 
     """Training loss of the denoiser in the parameterisation its shipped scheduler integrates
     (plus ``r.text_aux_weight`` times the text head's loss when ``aux_head`` is given)."""
     dev = x0.device
-    ids, mask = _tokenize(parts["tokenizer"], texts, r.text_max_length)
-    ids, mask = ids.to(dev), mask.to(dev)
+    encoding = _tokenize(parts["tokenizer"], texts, r.text_max_length)
+    ids, mask = encoding.input_ids.to(dev), encoding.attention_mask.to(dev)
     emb = text_encoder(ids, attention_mask=mask).last_hidden_state
     aux = None
     if aux_head is not None:
-        aux = text_aux_loss(aux_head, emb, caption_labels(parts["tokenizer"], texts, ids.shape[1]))
+        aux = text_aux_loss(aux_head, emb, caption_labels(encoding, texts))
     if _video(r):
         # WanPipeline zeroes the embeddings past each prompt and pads them to its max_sequence_length
         emb = emb * mask.unsqueeze(-1).to(emb.dtype)
