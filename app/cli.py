@@ -179,7 +179,7 @@ def _zoo_markdown(name: str, report: dict) -> str:
         f"| fully correct images | {report['image_accuracy']:.1%} |",
         f"| fully correct, first 20 prompts | {sum(first20)}/{len(first20)} |",
         f"| Fréchet distance to real renders | {report['frechet']:.3f} "
-        f"(real vs real: {report['real_frechet_floor']:.3f}) |",
+        f"(two halves of the real renders, different scenes: {report['real_frechet_floor']:.3f}) |",
         "", f"Hardware: {report.get('hardware', {})}", "",
     ]
     return "\n".join(lines)

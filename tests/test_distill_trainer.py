@@ -282,6 +282,8 @@ def test_control_bench_compares_the_adapted_student_with_the_plain_one(tmp_path)
     plain, controlled = result["rows"]
     # a zero adapter changes nothing: both rows score the same images
     assert plain["attributes"] == controlled["attributes"] and result["caption_change_points"] == 0
+    assert plain["caption_attributes"] == controlled["caption_attributes"]
+    assert {"colour", "shape"} <= set(plain["caption_attributes"]) <= {"colour", "shape", "size"}  # no position
     assert 0 <= controlled["layout_agreement"] <= 1
     assert plain["layout"] == controlled["layout"]
     assert "| controlled student |" in control_markdown(result)

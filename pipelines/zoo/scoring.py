@@ -113,7 +113,9 @@ def _channels_last(out):
 
 
 def _split_half_frechet(name, real) -> float:
-    """Fréchet distance between two halves of the real samples: the floor a perfect model reaches."""
+    """Fréchet distance between two halves of the real samples (different scenes, half as many each): a
+    scale reference, not a lower bound, since generated samples are compared with renders of *their own*
+    scenes, which shares the scene layouts and can land far below it."""
     if len(real) < 8:
         return float("nan")
     f = _feats(name, real)
