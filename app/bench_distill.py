@@ -232,7 +232,7 @@ def control_markdown(result: dict) -> str:
              "position accuracy | caption adherence (colour, shape, size) | count | colour | shape | size |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        a, lay = r.get("caption_attributes", r["attributes"]), r["layout"]
+        a, lay = r["caption_attributes"], r["layout"]
         lines.append(f"| {r['method']} | {r['control_adherence']:.3f} | {lay['recall']:.3f} | {lay['precision']:.3f} | "
                      f"{r['position']:.3f} | {r['caption_adherence']:.3f} | "
                      f"{r['count']:.3f} | {a['colour']:.3f} | {a['shape']:.3f} | {a.get('size', float('nan')):.3f} |")
