@@ -8,12 +8,15 @@ ControlNet).
     >>> with adapter.attached(model, control):                       # doctest: +SKIP
     ...     out = model(x, ...)                                     # patch tokens + adapter(control)
 
-A small conv encoder with the transformer's patch stride turns the control map into one residual
-per patch token; its last projection is zero-initialised, so at the start the adapted model *is*
-the frozen one (NCT's boundary term starts at exactly 0). It is added to the output of the
-transformer's patch embedding (``pos_embed``) by a forward hook that exists only inside
-``attached`` — the transformer is never copied or subclassed. The hook calls ``adapter_call`` (the
-DDP-prepared module in training) so gradients synchronise across ranks.
+A small conv encoder with the transformer's patch stride turns the control map into features per
+patch token. A zero-initialised projection adds them to the output of the transformer's patch
+embedding (``pos_embed``), and, as in ControlNet, one more zero-initialised projection each adds
+them to the outputs of the first ``blocks`` transformer blocks (``for_model`` takes the first
+half), so the control is re-injected at every depth it must survive. All projections start at
+zero: at the start the adapted model *is* the frozen one (NCT's boundary term starts at exactly 0).
+The forward hooks exist only inside ``attached`` — the transformer is never copied or subclassed.
+The patch-embedding hook calls ``adapter_call`` (the DDP-prepared module in training) once per
+forward, so gradients synchronise across ranks; the block hooks reuse its outputs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 
 class ControlAdapter(nn.Module):
-    def __init__(self, control_channels: int, hidden: int, patch: int, width: int = 64):
+    def __init__(self, control_channels: int, hidden: int, patch: int, width: int = 64, blocks: int = 0):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(control_channels, width, 3, padding=1), nn.SiLU(),
@@ -34,28 +37,52 @@ class ControlAdapter(nn.Module):
         self.proj = nn.Linear(width, hidden)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        self.config = {"control_channels": control_channels, "hidden": hidden, "patch": patch, "width": width}
+        self.block_proj = nn.ModuleList(nn.Linear(width, hidden) for _ in range(blocks))
+        for lin in self.block_proj:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.config = {"control_channels": control_channels, "hidden": hidden, "patch": patch, "width": width,
+                       "blocks": blocks}
 
     @classmethod
-    def for_model(cls, model: nn.Module, control_channels: int = 1, width: int = 64) -> ControlAdapter:
+    def for_model(cls, model: nn.Module, control_channels: int = 1, width: int = 64,
+                  blocks: int | None = None) -> ControlAdapter:
+        """An adapter sized for ``model``; ``blocks`` (default: half its depth) get their own residual."""
         cfg = model.config
         hidden = cfg.num_attention_heads * cfg.attention_head_dim
-        return cls(control_channels, hidden, cfg.patch_size, width)
+        depth = len(model.transformer_blocks)
+        blocks = depth // 2 if blocks is None else blocks
+        if not 0 <= blocks <= depth:
+            raise ValueError(f"blocks={blocks}: the model has {depth} transformer blocks")
+        return cls(control_channels, hidden, cfg.patch_size, width, blocks)
 
-    def forward(self, control: torch.Tensor) -> torch.Tensor:
-        """Control map ``[B, C, H, W]`` (latent resolution) -> residual tokens ``[B, H/p * W/p, hidden]``."""
-        feats = self.encoder(control.float())
-        return self.proj(feats.flatten(2).transpose(1, 2))
+    def forward(self, control: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Control map ``[B, C, H, W]`` (latent resolution) -> residual tokens ``[B, H/p * W/p, hidden]``:
+        one for the patch embedding, then one per injected block."""
+        feats = self.encoder(control.float()).flatten(2).transpose(1, 2)
+        return (self.proj(feats), *(lin(feats) for lin in self.block_proj))
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module, control: torch.Tensor, adapter_call=None):
         call = adapter_call if adapter_call is not None else self
+        n = len(self.block_proj)
+        if n > len(model.transformer_blocks):
+            raise ValueError(f"adapter injects {n} blocks; the model has {len(model.transformer_blocks)}")
+        residuals = []
 
-        def add(module, args, output):
-            return output + call(control).to(output.dtype)
+        def at_embed(module, args, output):
+            residuals[:] = call(control)
+            return output + residuals[0].to(output.dtype)
 
-        handle = model.pos_embed.register_forward_hook(add)
+        def at_block(i):
+            def add(module, args, output):
+                return output + residuals[i].to(output.dtype)
+            return add
+
+        handles = [model.pos_embed.register_forward_hook(at_embed)]
+        handles += [model.transformer_blocks[i].register_forward_hook(at_block(i + 1)) for i in range(n)]
         try:
             yield model
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()

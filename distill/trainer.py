@@ -64,7 +64,9 @@ class DistillConfig:
         gan_weight_g / gan_weight_d: DMD2's diffusion-GAN terms (0: no head); need ``real_latents``
             paired with ``captions`` in :func:`train`.
         lr_adapter / control / nct_*: NCT's adapter learning rate, control extractor (``layout`` or
-            ``latent-sign``), level count N, constraint xi, dual step eta, initial lambda, distance.
+            ``latent-sign``), level count N, constraint xi, dual step eta, initial lambda, distance, and
+            how many transformer blocks get an adapter residual besides the patch embedding
+            (None: half the depth; 0: the patch embedding only).
     """
 
     method: str = "dmd"
@@ -94,6 +96,7 @@ class DistillConfig:
     nct_eta: float = 1e-2
     nct_lambda: float = 0.0
     nct_distance: str = "l2"
+    nct_blocks: int | None = None
     mixed_precision: str = "no"
     max_grad_norm: float | None = 10.0
     ema_decay: float = 0.999
@@ -120,6 +123,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.t_c < 1000:
             raise ValueError(f"t_c must be a timestep in [0, 1000), got {self.t_c}")
+        if self.nct_blocks is not None and (not isinstance(self.nct_blocks, int) or self.nct_blocks < 0):
+            raise ValueError(f"nct_blocks must be a non-negative integer or None, got {self.nct_blocks!r}")
 
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides) -> DistillConfig:

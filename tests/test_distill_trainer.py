@@ -136,9 +136,54 @@ def test_nct_adapter_starts_at_the_frozen_generator_and_trains(tmp_path):
     assert all(torch.equal(v, frozen[k]) for k, v in _state(pipe.transformer).items())
     adapter, control = load_adapter(out)
     assert control == "latent-sign" and adapter.proj.weight.abs().sum() > 0
-    assert not list(dict(pipe.transformer.pos_embed._forward_hooks).values())   # hook gone after training
+    depth = len(pipe.transformer.transformer_blocks)
+    assert adapter.config["blocks"] == depth // 2 >= 1                   # ControlNet-style: the first half
+    assert all(lin.weight.abs().sum() > 0 for lin in adapter.block_proj)   # block residuals trained too
+    assert not list(dict(pipe.transformer.pos_embed._forward_hooks).values())   # hooks gone after training
+    assert not any(b._forward_hooks for b in pipe.transformer.transformer_blocks)
     lam = torch.load(tmp_path / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
     assert lam["value"] == pytest.approx(logs[1]["adapter/lambda"] + 1e-2 * (logs[1]["adapter/nct_bound"] - 1e-3))
+
+
+def test_control_adapter_injects_at_the_embedding_and_the_first_blocks(tmp_path):
+    from distill.adapter import ControlAdapter
+    from distill.export import export_adapter, load_adapter
+
+    model = build_tiny("pixart").transformer.eval()
+    depth = len(model.transformer_blocks)
+    x = torch.randn(2, model.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 4, model.config.caption_channels, generator=torch.Generator().manual_seed(1))
+    control = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+
+    def run(adapter=None):
+        kw = dict(encoder_hidden_states=text, timestep=torch.tensor([999, 999]), return_dict=False)
+        if adapter is None:
+            return model(x, **kw)[0]
+        with adapter.attached(model, control):
+            return model(x, **kw)[0]
+
+    base = run()
+    adapter = ControlAdapter.for_model(model, control_channels=1, blocks=depth)
+    assert torch.equal(run(adapter), base)                       # zero-initialised: the frozen model exactly
+    with torch.no_grad():
+        adapter.block_proj[-1].bias.fill_(0.1)                   # only the last block's residual is non-zero
+    moved = run(adapter)
+    assert not torch.equal(moved, base)
+    assert torch.equal(run(), base)                              # hooks removed on exit
+    export_adapter(adapter, tmp_path / "a", control="layout")
+    loaded, _ = load_adapter(tmp_path / "a")
+    assert loaded.config["blocks"] == depth and torch.equal(run(loaded), moved)
+    with pytest.raises(ValueError, match="transformer blocks"):
+        ControlAdapter.for_model(model, blocks=depth + 1)
+    with pytest.raises(ValueError, match="nct_blocks"):
+        DistillConfig(nct_blocks=-1)
+    # adapters written before block injection (no "blocks" key) load as embedding-only
+    old = tmp_path / "a" / "adapter_config.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "blocks"}))
+    state = {k: v for k, v in load_file(str(tmp_path / "a" / "adapter.safetensors")).items() if "block_proj" not in k}
+    from safetensors.torch import save_file
+    save_file(state, str(tmp_path / "a" / "adapter.safetensors"))
+    assert load_adapter(tmp_path / "a")[0].config["blocks"] == 0
 
 
 def test_msd_students_own_their_captions_and_the_pipeline_routes(tmp_path):

@@ -62,7 +62,8 @@ def build(run: Run, pipe, config) -> dict:
     run.extra["multiplier"] = Multiplier(config.nct_lambda)
     run.extra["checkpoint"] = [run.extra["multiplier"]]
     torch.manual_seed(config.seed)
-    return {"adapter": ControlAdapter.for_model(run.teacher.model, control_channels=1)}
+    return {"adapter": ControlAdapter.for_model(run.teacher.model, control_channels=1,
+                                                  blocks=config.nct_blocks)}
 
 
 def _loss(run: Run, seed: int) -> tuple[torch.Tensor, dict]:
