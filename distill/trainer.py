@@ -225,6 +225,9 @@ def train(config: DistillConfig, pipe, captions: list[str], progress: bool = Tru
     run, roles = build_run(config, pipe, captions, accelerator.device, real_latents, pairs,
                            progress and accelerator.is_main_process)
     run.teacher.model.to(accelerator.device)
+    for name in ("vae", "text_encoder"):            # NCT's control decode and validation run next to the generator
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(accelerator.device)
     names = list(roles)
     lrs = {"generator": config.lr_generator, "fake": config.lr_fake, "adapter": config.lr_adapter,
            "head": config.lr_fake}
