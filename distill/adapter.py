@@ -27,6 +27,13 @@ import torch
 from torch import nn
 
 
+def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    lin = nn.Linear(n_in, n_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
 class ControlAdapter(nn.Module):
     def __init__(self, control_channels: int, hidden: int, patch: int, width: int = 64, blocks: int = 0):
         super().__init__()
@@ -34,13 +41,8 @@ class ControlAdapter(nn.Module):
             nn.Conv2d(control_channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, patch, stride=patch), nn.SiLU(),
         )
-        self.proj = nn.Linear(width, hidden)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-        self.block_proj = nn.ModuleList(nn.Linear(width, hidden) for _ in range(blocks))
-        for lin in self.block_proj:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.proj = _zero_linear(width, hidden)
+        self.block_proj = nn.ModuleList(_zero_linear(width, hidden) for _ in range(blocks))
         self.config = {"control_channels": control_channels, "hidden": hidden, "patch": patch, "width": width,
                        "blocks": blocks}
 

@@ -34,18 +34,21 @@ class ConditionBank:
                latents: torch.Tensor | None = None) -> ConditionBank:
         if not captions:
             raise ValueError("the condition bank needs at least one caption")
+        # encode wherever the text encoder is (train() moves it to the accelerator, and MSD encodes
+        # again for every student); the bank itself lives on the CPU
+        device = next(pipe.text_encoder.parameters()).device
         embeds, masks = [], []
         for i in range(0, len(captions), batch):
             e, m, _, _ = pipe.encode_prompt(captions[i:i + batch], do_classifier_free_guidance=False,
                                             max_sequence_length=max_sequence_length, clean_caption=False,
-                                            device=torch.device("cpu"))
-            embeds.append(e.float())
-            masks.append(m)
+                                            device=device)
+            embeds.append(e.float().cpu())
+            masks.append(m.cpu())
         u, um, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
-                                         clean_caption=False, device=torch.device("cpu"))
+                                         clean_caption=False, device=device)
         if latents is not None and len(latents) != len(captions):
             raise ValueError(f"{len(latents)} real latents for {len(captions)} captions")
-        return cls(list(captions), torch.cat(embeds), torch.cat(masks), (u.float(), um), latents)
+        return cls(list(captions), torch.cat(embeds), torch.cat(masks), (u.float().cpu(), um.cpu()), latents)
 
     def sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
