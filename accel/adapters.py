@@ -13,6 +13,7 @@ A new architecture is one :func:`register_adapter` call, not a new code path.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,12 @@ class BlockGroup:
         cross_attention: names of the cross-attention modules of each block.
         hidden_states_index / encoder_hidden_states_index: where the block's forward returns the
             image/video stream and the text stream (``None`` when it returns a single tensor).
+        input_norms: ``(norm, component)`` pairs where the block feeds the norm's output to that
+            component and nowhere else (PixArt's ``norm1`` -> ``attn1``): when the component reuses
+            its output the norm need not run either. Only norms whose output carries nothing else
+            (no gates) qualify.
+        input_norms_if: a predicate on a block; its ``input_norms`` apply only where it holds (the
+            wiring depends on the block's configuration).
     """
 
     attr: str
@@ -40,16 +47,29 @@ class BlockGroup:
     cross_attention: tuple[str, ...] = ()
     hidden_states_index: int | None = None
     encoder_hidden_states_index: int | None = None
+    input_norms: tuple[tuple[str, str], ...] = ()
+    input_norms_if: Callable[[torch.nn.Module], bool] | None = field(default=None, compare=False)
+
+    def input_norm_of(self, block: torch.nn.Module, component: str) -> torch.nn.Module | None:
+        """The norm that feeds only ``component`` in ``block`` (None when there is none)."""
+        if self.input_norms_if is not None and not self.input_norms_if(block):
+            return None
+        for norm, target in self.input_norms:
+            module = getattr(block, norm, None)
+            if target == component and module is not None and not isinstance(module, torch.nn.Identity):
+                return module
+        return None
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One cacheable (block, component) pair."""
+    """One cacheable (block, component) pair, with the norm that feeds only it (if any)."""
 
     group: str
     block: int
     component: str
     module: torch.nn.Module = field(compare=False, repr=False)
+    input_norm: torch.nn.Module | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -92,7 +112,7 @@ class ModelAdapter:
                     module = getattr(block, name, None)
                     if module is None or (components is not None and name not in components):
                         continue
-                    out.append(Slot(group.attr, i, name, module))
+                    out.append(Slot(group.attr, i, name, module, group.input_norm_of(block, name)))
         return out
 
     def self_attention_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -160,6 +180,13 @@ def get_adapter(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
+def _pixart_norms_feed_one(block: torch.nn.Module) -> bool:
+    # BasicTransformerBlock with PixArt's "ada_norm_single": norm1 feeds only attn1 and norm2 only ff
+    # (attn2 reads the residual stream itself); other norm types route norm2 to attn2
+    return (getattr(block, "norm_type", None) == "ada_norm_single" and getattr(block, "pos_embed", None) is None
+            and getattr(block, "_chunk_size", None) is None)
+
+
 def _register_builtin() -> None:
     from diffusers import (
         CogVideoXTransformer3DModel,
@@ -171,7 +198,8 @@ def _register_builtin() -> None:
     )
 
     register_adapter(ModelAdapter(PixArtTransformer2DModel, (
-        BlockGroup("transformer_blocks", ("attn1", "attn2", "ff"), ("attn1",), ("attn2",), 0, None),
+        BlockGroup("transformer_blocks", ("attn1", "attn2", "ff"), ("attn1",), ("attn2",), 0, None,
+                   input_norms=(("norm1", "attn1"), ("norm2", "ff")), input_norms_if=_pixart_norms_feed_one),
     ), latent_layout="BCHW"))
     register_adapter(ModelAdapter(FluxTransformer2DModel, (
         BlockGroup("transformer_blocks", ("attn", "ff", "ff_context"), ("attn",), (), 1, 0),
@@ -181,7 +209,8 @@ def _register_builtin() -> None:
         BlockGroup("transformer_blocks", ("attn", "attn2", "ff", "ff_context"), ("attn", "attn2"), (), 1, 0),
     ), latent_layout="BCHW"))
     register_adapter(ModelAdapter(WanTransformer3DModel, (
-        BlockGroup("blocks", ("attn1", "attn2", "ffn"), ("attn1",), ("attn2",), 0, None),
+        BlockGroup("blocks", ("attn1", "attn2", "ffn"), ("attn1",), ("attn2",), 0, None,
+                   input_norms=(("norm1", "attn1"), ("norm2", "attn2"), ("norm3", "ffn"))),
     ), latent_layout="BCTHW"))
     register_adapter(ModelAdapter(CogVideoXTransformer3DModel, (
         BlockGroup("transformer_blocks", ("attn1", "ff"), ("attn1",), (), 0, 1),

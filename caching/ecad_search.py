@@ -160,7 +160,8 @@ def measure_costs(pipe, prompt: str, call_kwargs: dict | None = None, seed: int 
 @torch.no_grad()
 def measure_latency(pipe, prompt: str, call_kwargs: dict | None = None, seed: int = 0, runs: int = 2) -> dict:
     """Seconds per step: ``base`` (the generation's time outside cacheable components, per step) and
-    each slot (mean over the runs), from timing hooks on an uncached generation."""
+    each slot (mean over the runs), from timing hooks on an uncached generation. A slot's time
+    includes its input norm's (skipped with it on reuse, :mod:`accel.reuse`)."""
     model = pipe.transformer
     call_kwargs = dict(call_kwargs or {})
     slots = get_adapter(model).slots(model)
@@ -177,7 +178,9 @@ def measure_latency(pipe, prompt: str, call_kwargs: dict | None = None, seed: in
             sync()
             spent[name] += time.perf_counter() - start[name]
 
-        handles += [s.module.register_forward_pre_hook(pre), s.module.register_forward_hook(post)]
+        for module in (s.module, s.input_norm):
+            if module is not None:
+                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
         _generate(pipe, prompt, seed, call_kwargs)  # warm-up
         for k in spent:

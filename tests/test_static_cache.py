@@ -86,3 +86,29 @@ def test_config_roundtrip_and_malformed_files(tmp_path):
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(accel.ConfigError, match=message):
             StaticCacheConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("arch", ["pixart", "wan"])
+def test_input_norms_skipped_on_reuse_give_identical_output(arch, monkeypatch):
+    from accel.reuse import ReuseInstaller
+
+    pipe = make(arch)
+    slots = accel.adapters.get_adapter(pipe.transformer).slots(pipe.transformer)
+    norms = [s.input_norm for s in slots]
+    with_norm = {s.component for s in slots if s.input_norm is not None}
+    assert with_norm == ({"attn1", "ff"} if arch == "pixart" else {"attn1", "ffn"} | ({"attn2"} & with_norm))
+    monkeypatch.setattr(ReuseInstaller, "skip_input_norms", False)
+    accel.apply(pipe, StaticCacheConfig(interval=3))
+    full = generate(pipe, num_inference_steps=6)
+    assert accel.stats(pipe)["input_norms_skipped"] == 0
+    accel.remove(pipe)
+    monkeypatch.setattr(ReuseInstaller, "skip_input_norms", True)
+    accel.apply(pipe, StaticCacheConfig(interval=3))
+    skipping = generate(pipe, num_inference_steps=6)
+    stats = accel.stats(pipe)
+    assert torch.equal(skipping, full)  # the skipped norms' outputs were never read
+    assert stats["input_norms_skipped"] > 0
+    # every reused slot that has an input norm skipped it
+    assert stats["input_norms_skipped"] == stats["component_reused"] * sum(n is not None for n in norms) // len(norms)
+    accel.remove(pipe)
+    assert torch.equal(generate(pipe, num_inference_steps=6), generate(make(arch), num_inference_steps=6))

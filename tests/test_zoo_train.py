@@ -160,10 +160,12 @@ def test_cli_zoo_eval_writes_report(tiny_t2i, tmp_path, capsys):
 
 
 def test_load_reference_errors():
+    import pipelines
     from pipelines.zoo import load_reference
 
-    with pytest.raises(ValueError, match="unknown reference model"):
-        load_reference("shapes-xyz")
+    for load in (load_reference, pipelines.load_reference):   # the package-level name is the same loader
+        with pytest.raises(ValueError, match="unknown reference model"):
+            load("shapes-xyz")
 
 
 def test_shipped_weights_fit_the_budget():
@@ -174,12 +176,13 @@ def test_shipped_weights_fit_the_budget():
 
 
 def test_shipped_shapes_t2i_default_call_and_adherence():
-    from pipelines.zoo import load_reference
     from pipelines.zoo.scoring import evaluate_pipeline
 
     assert is_shipped("shapes-t2i"), "shapes-t2i weights are missing from pipelines/zoo/weights"
-    pipe = load_reference("shapes-t2i")
-    assert type(pipe).__name__ == "PixArtAlphaPipeline"
+    import pipelines
+
+    pipe = pipelines.load_reference("shapes-t2i")
+    assert type(pipe).__name__ == "PixArtAlphaPipeline" and pipe.reference_name == "shapes-t2i"
     image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]   # every default
     assert image.size == (256, 256)
     report, _ = evaluate_pipeline(pipe, "shapes-t2i", n=8, progress=False)
