@@ -228,7 +228,12 @@ def _ecad_search(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe, call, prompts, extra = _search_target(args.model, args.steps, args.prompts, args.prompts_file)
+    n = args.prompts + args.confirm
+    pipe, call, prompts, extra = _search_target(args.model, args.steps, n, args.prompts_file)
+    if len(prompts) < n:
+        raise SystemExit(f"--prompts {args.prompts} --confirm {args.confirm} needs {n} prompts, "
+                         f"only {len(prompts)} available")
+    prompts, confirm = prompts[:args.prompts], prompts[args.prompts:n]
     scorer = fidelity_scorer
     if extra is not None:
         def scorer(outputs, references, prompts_):
@@ -237,9 +242,9 @@ def _ecad_search(args: argparse.Namespace) -> int:
     settings = SearchSettings(pop_size=args.pop_size, generations=args.generations, seed=args.seed,
                               cost=args.cost, reject_margin=args.reject_margin if args.reject_margin >= 0 else None,
                               profile_seeds=args.profile_seeds, speedup_range=args.speedup_range,
-                              latency_threads=args.latency_threads or None)
+                              latency_threads=args.latency_threads or None, confirm_within=args.confirm_within)
     result = search(pipe, prompts, args.work_dir, settings, call_kwargs=call, scorer=scorer, resume=args.resume,
-                    progress=not args.quiet)
+                    progress=not args.quiet, confirm=confirm)
     from pathlib import Path
 
     table = Path(args.work_dir) / "frontier" / "frontier.md"
@@ -410,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also seed with step masks from the uncached run's residual profile")
     es.add_argument("--speedup-range", type=float, nargs=2, metavar=("LO", "HI"),
                     help="only run schedules whose estimated speedup is in [LO, HI] (the population refines that band)")
+    es.add_argument("--confirm", type=int, default=0, metavar="N",
+                    help="after the generations, re-score the schedules near the frontier on N more calibration "
+                         "prompts and draw the frontier from the mean over all (works on a finished search with "
+                         "--resume)")
+    es.add_argument("--confirm-within", type=float, default=0.75, metavar="DB",
+                    help="with --confirm: re-score schedules at most DB below the frontier (default 0.75)")
     es.add_argument("--threads", type=int, default=0)
     es.add_argument("--latency-threads", type=int, default=0,
                     help="CPU threads while timing components for the latency cost model (default: --threads); "

@@ -29,6 +29,11 @@ How it works (spec: ``shared/specs/ecad.md``):
   ``generation.json`` is rewritten after each generation. ``resume=True`` replays the algorithm from
   its seed, taking every already-evaluated genome from those files, so a run killed at any point
   continues exactly where it stopped; resuming with more ``generations`` extends a finished search.
+* **Confirmation** (optional, ``confirm=`` more prompts): a frontier picked on a few calibration
+  prompts flatters itself (its members are the ones whose errors happened to be small there). After
+  the generations, every fully evaluated schedule within ``confirm_within`` of the frontier is run on
+  the extra prompts too, and the frontier is recomputed from the mean over all prompts. The extra
+  evaluations are checkpointed in ``confirm.rank<k>.jsonl`` like the others.
 * **Processes**: under ``accelerate launch`` (or any ``torch.distributed`` launcher) each process
   evaluates a contiguous share of the generation's new candidates; results are gathered in order and
   every process tells the same values to the same seeded algorithm, so the result equals a
@@ -79,6 +84,8 @@ class SearchSettings:
         speedup_range: ``(lo, hi)``: only schedules whose estimated speedup (by ``cost``) lies in
             [lo, hi] are run; the others are infeasible to NSGA-II (a constraint, by their distance
             to the band) and cost no generation, so the whole population refines that band.
+        confirm_within: with confirmation prompts, the schedules re-run on them are those at most
+            this far (``quality`` units) below the best schedule that costs no more.
         latency_threads: CPU threads while the components are timed for the latency cost model
             (``None``: the current setting). A multi-process CPU search runs each process on few
             threads; timed at one thread, shapes-t2i's estimates ran ~7 % above the speedups measured
@@ -98,6 +105,7 @@ class SearchSettings:
     profile_seeds: bool = False
     speedup_range: tuple[float, float] | None = None
     latency_threads: int | None = None
+    confirm_within: float = 0.75
 
     def __post_init__(self):
         if self.pop_size < 4 or self.generations < 1:
@@ -110,6 +118,8 @@ class SearchSettings:
                 raise ConfigError(f"speedup_range must be (lo, hi) with 1 <= lo < hi, got {self.speedup_range}")
         if self.latency_threads is not None and self.latency_threads < 1:
             raise ConfigError(f"latency_threads must be >= 1, got {self.latency_threads}")
+        if not self.confirm_within >= 0:
+            raise ConfigError(f"confirm_within must be >= 0, got {self.confirm_within}")
 
 
 # -- costs --------------------------------------------------------------------------------------
@@ -398,9 +408,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def _read_evals(work_dir: Path) -> dict[str, dict]:
+def _read_evals(work_dir: Path, pattern: str = "evals.rank*.jsonl") -> dict[str, dict]:
     memo: dict[str, dict] = {}
-    for path in sorted(work_dir.glob("evals.rank*.jsonl")):
+    for path in sorted(work_dir.glob(pattern)):
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -445,8 +455,11 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
             # a setting added after the search was stored takes its default (its behaviour then)
             old["settings"] = {**_as_stored(SearchSettings()), **old.get("settings", {})}
             # more generations continue the same trajectory; anything else would change it
-            old["settings"].pop("generations", None)
-            now = {**meta, "settings": {k: v for k, v in meta["settings"].items() if k != "generations"}}
+            # so does a confirmation stage added to a finished search
+            for key in ("generations", "confirm_within"):
+                old["settings"].pop(key, None)
+            now = {**meta, "settings": {k: v for k, v in meta["settings"].items()
+                                        if k not in ("generations", "confirm_within")}}
             if {k: old.get(k) for k in now} != now:
                 diff = [k for k in now if old.get(k) != now[k]]
                 raise ConfigError(f"{search_file}: cannot resume, {', '.join(diff)} differ from the stored search")
@@ -477,9 +490,11 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
 
 def search(pipe, prompts: list[str], work_dir: str | os.PathLike, settings: SearchSettings | None = None, *,
            call_kwargs: dict | None = None, scorer: Scorer | None = None, resume: bool = False,
-           progress: bool = True) -> dict:
+           progress: bool = True, confirm: list[str] | None = None) -> dict:
     """Run (or resume) the search; returns ``{"frontier": [...records], "archive": n, ...}`` and
-    writes the frontier with :func:`write_frontier` on the main process."""
+    writes the frontier with :func:`write_frontier` on the main process. ``confirm``: extra prompts
+    (disjoint from ``prompts``) the near-frontier schedules are re-scored on before the frontier is
+    drawn (module docstring)."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
     from pymoo.core.problem import Problem
@@ -563,7 +578,12 @@ def search(pipe, prompts: list[str], work_dir: str | os.PathLike, settings: Sear
         bar.close()
     for record in memo.values():
         record.setdefault("seed", seed_names.get(record["key"]))
+    confirmed = 0
+    if confirm:
+        memo = _confirm(evaluator, memo, list(confirm), work_dir, state, progress)
+        confirmed = len(confirm)
     result = _summarise(memo, evaluator, settings, seed_names)
+    result["confirm_prompts"] = confirmed
     if state.is_main_process:
         write_frontier(result, evaluator, work_dir, pipe, settings)
     state.wait_for_everyone()
@@ -590,10 +610,96 @@ def _evaluate_share(evaluator, genomes, todo, front, state, log, generation, pro
     return out
 
 
+def near_frontier(records: list[dict], cost, quality: str, within: float) -> list[dict]:
+    """Records at most ``within`` below the best quality among records that cost no more."""
+    best, out = -math.inf, []
+    for r in sorted(records, key=lambda r: (cost(r), -r[quality])):
+        best = max(best, r[quality])
+        if r[quality] >= best - within:
+            out.append(r)
+    return out
+
+
+def _confirm(evaluator: _Evaluator, memo: dict, prompts: list[str], work_dir: Path, state, progress) -> dict:
+    """Re-score the near-frontier schedules on ``prompts``; returns the memo with their scores
+    replaced by the mean over calibration and confirmation prompts (``<key>_search`` keeps the first)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    settings = evaluator.settings
+    overlap = set(prompts) & set(evaluator.prompts)
+    if overlap:
+        raise ConfigError(f"confirmation prompts must differ from the calibration prompts; "
+                          f"shared: {sorted(overlap)[:3]}")
+    first_seed = settings.image_seed + len(evaluator.prompts)
+    meta_file, ref_file = work_dir / "confirm.json", work_dir / "confirm_references.safetensors"
+    if state.is_main_process:
+        meta = {"prompts": prompts, "first_seed": first_seed}
+        if meta_file.exists() and json.loads(meta_file.read_text()) != meta:
+            raise ConfigError(f"{meta_file}: this search was confirmed on other prompts; use another work dir "
+                              f"or delete confirm.* to re-confirm")
+        if not (meta_file.exists() and ref_file.exists()):
+            refs = [_generate(evaluator.pipe, p, first_seed + i, evaluator.call_kwargs) for i, p in enumerate(prompts)]
+            save_file({f"ref{i}": r.contiguous() for i, r in enumerate(refs)}, str(ref_file))
+            _atomic_json(meta_file, meta)
+    state.wait_for_everyone()
+    shared = [None]
+    if state.is_main_process:
+        stored = load_file(str(ref_file))
+        shared = [[stored[f"ref{i}"] for i in range(len(prompts))]]
+    if state.num_processes > 1:
+        broadcast_object_list(shared)
+    tables = {"macs": evaluator.macs.table, "latency": evaluator.latency.table}
+    checker = _Evaluator(evaluator.pipe, prompts, evaluator.call_kwargs,
+                         dataclasses.replace(settings, reject_margin=None, image_seed=first_seed),
+                         shared[0], evaluator.scorer, tables, evaluator.slots)
+    done = _read_evals(work_dir, "confirm.rank*.jsonl")
+    full = [r for r in memo.values() if not r.get("rejected")]
+    chosen = near_frontier(full, evaluator.cost, settings.quality, settings.confirm_within)
+    todo = [r["key"] for r in chosen if r["key"] not in done]
+    # ``chosen`` runs from the cheapest (fastest to generate) to the dearest: deal it out round-robin
+    # so each process's contiguous share holds both ends
+    k = state.num_processes
+    todo = [todo[i] for r in range(k) for i in range(r, len(todo), k)]
+    mine = todo
+    if state.num_processes > 1:
+        with state.split_between_processes(todo) as share:
+            mine = list(share)
+    new = []
+    with open(work_dir / f"confirm.rank{state.process_index}.jsonl", "a") as log:
+        for key in tqdm(mine, desc=f"confirming on {len(prompts)} more prompts",
+                        disable=not (progress and state.is_main_process)):
+            record = checker.run(_unkey(key), [])
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            new.append(record)
+    if state.num_processes > 1:
+        new = gather_object(new)
+    done.update({r["key"]: r for r in new})
+    n1, n2 = len(evaluator.prompts), len(prompts)
+    not_scores = {"key", "rejected", "generation", "macs", "latency_s", "macs_speedup", "speedup"}
+    out = dict(memo)
+    for r in chosen:
+        extra = done[r["key"]]
+        merged = {**r, "confirmed": True}
+        for k in extra.keys() - not_scores:
+            if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool):
+                merged[f"{k}_search"] = r[k]
+                merged[k] = (n1 * r[k] + n2 * extra[k]) / (n1 + n2)
+        out[r["key"]] = merged
+    # the others were not re-run: they stay in the archive but leave the frontier's candidates
+    for key, r in memo.items():
+        if key not in {c["key"] for c in chosen} and not r.get("rejected"):
+            out[key] = {**r, "unconfirmed": True}
+    return out
+
+
 def _summarise(memo: dict, evaluator: _Evaluator, settings: SearchSettings, seed_names: dict) -> dict:
     records = [r for r in memo.values() if not r.get("rejected")]
-    points = [(evaluator.cost(r), r[settings.quality]) for r in records]
-    frontier = [records[i] for i in pareto_front(points)]
+    candidates = [r for r in records if not r.get("unconfirmed")]
+    points = [(evaluator.cost(r), r[settings.quality]) for r in candidates]
+    frontier = [candidates[i] for i in pareto_front(points)]
     seeds = [r for r in records if r["key"] in seed_names]
     for r in seeds:
         r["seed"] = seed_names[r["key"]]
@@ -614,7 +720,7 @@ def write_frontier(result: dict, evaluator: _Evaluator, work_dir: Path, pipe, se
         genome = _unkey(record["key"])
         prov = {key: record[key] for key in record if key not in ("key",)}
         prov.update(made_by="ECAD NSGA-II search", search=dataclasses.asdict(settings),
-                    calibration_prompts=len(evaluator.prompts))
+                    calibration_prompts=len(evaluator.prompts) + result.get("confirm_prompts", 0))
         cfg = ECADConfig.from_bits(pipe, evaluator.bits(genome), resolution=resolution, provenance=prov)
         name = f"{k:02d}_speedup{record['speedup']:.2f}_{settings.quality}{record[settings.quality]:.1f}.json"
         cfg.save(out / name)
@@ -622,7 +728,10 @@ def write_frontier(result: dict, evaluator: _Evaluator, work_dir: Path, pipe, se
     lines = [f"# ECAD frontier ({len(rows)} schedules from {result['archive']} evaluated, "
              f"{result['rejected']} rejected early)", "",
              f"Cost model: {settings.cost}; quality: {settings.quality} on {len(evaluator.prompts)} "
-             "calibration prompts. "
+             "calibration prompts"
+             + (f", the schedules within {settings.confirm_within:g} of the frontier re-scored on "
+                f"{result['confirm_prompts']} more (quality = mean over all)" if result.get("confirm_prompts") else "")
+             + ". "
              "Speedups are the cost model's estimates; measure them with `accel bench`.", "",
              f"| schedule | est. speedup | MACs speedup | {settings.quality} | generation |", "|---|---|---|---|---|"]
     for name, r in rows:

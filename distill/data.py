@@ -86,4 +86,4 @@ def teacher_pairs(pipe, bank: ConditionBank, n: int, steps: int = 20, guidance: 
     for i in tqdm(range(n), desc="teacher pairs", disable=not progress):
         ys.append(pipe(bank.captions[int(idx[i])], latents=z[i:i + 1], num_inference_steps=steps,
                        guidance_scale=guidance, output_type="latent", **extra).images)
-    return z, torch.cat(ys).float(), idx
+    return z, torch.cat(ys).float().cpu(), idx       # the bank stays on the CPU wherever the teacher ran

@@ -84,6 +84,42 @@ def test_a_finished_search_extends_with_more_generations(uninterrupted, tmp_path
     assert _evaluated(work) > before
 
 
+def test_confirmation_rescores_the_near_frontier_on_more_prompts(uninterrupted, tmp_path):
+    import shutil
+
+    import accel
+    from caching.ecad_search import _read_evals, near_frontier
+
+    work = tmp_path / "confirmed"
+    shutil.copytree(uninterrupted, work)
+    before = _evaluated(work)
+    args = [*ARGS, "--work-dir", str(work), "--resume", "--confirm", "2", "--confirm-within", "1.5"]
+    assert main(args) == 0
+    assert _evaluated(work) == before                  # the generations were replayed, not re-run
+    full = [r for r in _read_evals(work).values() if not r.get("rejected")]
+    chosen = near_frontier(full, lambda r: r["macs"], "psnr", 1.5)
+    extra = {}
+    for line in (work / "confirm.rank0.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        extra[record["key"]] = record
+    assert set(extra) == {r["key"] for r in chosen} and len(chosen) < len(full)
+    files = sorted((work / "frontier").glob("*.json"))
+    assert files and "re-scored on 2 more" in (work / "frontier" / "frontier.md").read_text()
+    by_bits = {}
+    for r in chosen:
+        by_bits[r["key"]] = r
+    for f in files:
+        prov = ECADConfig.load(f).provenance
+        assert prov["confirmed"] and prov["calibration_prompts"] == 5
+        match = [k for k, r in by_bits.items() if r["psnr"] == prov["psnr_search"] and r["macs"] == prov["macs"]]
+        assert match, "a frontier schedule that was not re-scored"
+        assert prov["psnr"] == pytest.approx((3 * prov["psnr_search"] + 2 * extra[match[0]]["psnr"]) / 5)
+    assert main(args) == 0                             # resuming a confirmed search re-runs nothing
+    assert len((work / "confirm.rank0.jsonl").read_text().splitlines()) == len(chosen)
+    with pytest.raises(accel.ConfigError, match="confirmed on other prompts"):
+        main([*ARGS, "--work-dir", str(work), "--resume", "--confirm", "3"])
+
+
 def test_killed_search_resumes_exactly(uninterrupted, tmp_path):
     work = tmp_path / "killed"
     cmd = [sys.executable, "-m", "app.cli", *ARGS, "--work-dir", str(work)]
