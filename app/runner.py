@@ -78,7 +78,7 @@ class Runner:
             pipe = self.load(kind, name)
             if (kind, name) not in self.warmed:
                 call = dict(getattr(pipe, "tiny_call_kwargs", {}))
-                call.update(num_inference_steps=1, output_type="pt")
+                call.update(num_inference_steps=1, output_type="pt", **_no_caption_cleaning(pipe))
                 if kind == "video" and name == "tiny-wan":
                     call.update(height=64, width=96, num_frames=9)
                 if kind in ("image", "video"):
@@ -262,7 +262,7 @@ class Runner:
         if not (prompt or "").strip():
             raise AppError("enter a prompt")
         pipe = self.warm("image", model)
-        call = {"num_inference_steps": steps}
+        call = {"num_inference_steps": steps, **_no_caption_cleaning(pipe)}
         if model == "tiny":
             call = {**pipe.tiny_call_kwargs, **call}
         elif size:
@@ -475,6 +475,14 @@ def _erta_label(cfg) -> str:
     (two rules can give the same mask at one reuse count: the labels must still differ)."""
     rule = (cfg.calibration or {}).get("mask_rule", "greedy")
     return f"reuse {cfg.reuse_fraction:.0%} ({cfg.mask})" + ("" if rule == "greedy" else f" {rule}")
+
+
+def _no_caption_cleaning(pipe) -> dict:
+    """PixArt pipelines clean captions with bs4 by default and warn on every call without it; both
+    sides of a comparison run without cleaning."""
+    import inspect
+
+    return {"clean_caption": False} if "clean_caption" in inspect.signature(pipe.__call__).parameters else {}
 
 
 def _ecad_label(cfg) -> str:
