@@ -243,8 +243,17 @@ def _ecad_search(args: argparse.Namespace) -> int:
                               cost=args.cost, reject_margin=args.reject_margin if args.reject_margin >= 0 else None,
                               profile_seeds=args.profile_seeds, speedup_range=args.speedup_range,
                               latency_threads=args.latency_threads or None, confirm_within=args.confirm_within)
+    costs = None
+    if args.costs:
+        import json
+        from pathlib import Path
+
+        try:
+            costs = json.loads(Path(args.costs).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--costs {args.costs}: cannot read a cost table ({e})") from e
     result = search(pipe, prompts, args.work_dir, settings, call_kwargs=call, scorer=scorer, resume=args.resume,
-                    progress=not args.quiet, confirm=confirm)
+                    progress=not args.quiet, confirm=confirm, costs=costs)
     from pathlib import Path
 
     table = Path(args.work_dir) / "frontier" / "frontier.md"
@@ -421,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "--resume)")
     es.add_argument("--confirm-within", type=float, default=0.75, metavar="DB",
                     help="with --confirm: re-score schedules at most DB below the frontier (default 0.75)")
+    es.add_argument("--costs", metavar="COSTS_JSON",
+                    help="reuse the cost table (costs.json) of an earlier search instead of timing the components "
+                         "again: the same table, seed and prompts give the same frontier")
     es.add_argument("--threads", type=int, default=0)
     es.add_argument("--latency-threads", type=int, default=0,
                     help="CPU threads while timing components for the latency cost model (default: --threads); "

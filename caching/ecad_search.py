@@ -437,8 +437,25 @@ def _as_stored(settings: SearchSettings) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(settings)))
 
 
-def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool, state) -> tuple[list, dict]:
-    """References and cost tables: computed once (main process) and stored, or read back on resume."""
+def check_costs(costs: dict, slots: list[str], source: str = "costs") -> dict:
+    """A cost table (``costs.json`` of a search) validated against this denoiser's slots."""
+    if not isinstance(costs, dict) or not all(isinstance(costs.get(k), dict) for k in ("macs", "latency")):
+        raise ConfigError(f"{source}: expected a search's costs.json with 'macs' and 'latency' tables")
+    for kind in ("macs", "latency"):
+        table = costs[kind]
+        have = table.get("slots")
+        if not isinstance(have, dict) or sorted(have) != sorted(slots):
+            raise ConfigError(f"{source}: the {kind} table's slots do not match this denoiser's {len(slots)} slots")
+        values = [table.get("base"), *have.values()]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values):
+            raise ConfigError(f"{source}: the {kind} table holds a missing, negative or non-finite cost")
+    return costs
+
+
+def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool, state,
+             given_costs: dict | None = None) -> tuple[list, dict]:
+    """References and cost tables: computed once (main process) and stored, or read back on resume.
+    ``given_costs`` (a previous search's table) is stored instead of measuring one."""
     from accelerate.utils import broadcast_object_list
     from safetensors.torch import load_file, save_file
 
@@ -464,9 +481,15 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
                 diff = [k for k in now if old.get(k) != now[k]]
                 raise ConfigError(f"{search_file}: cannot resume, {', '.join(diff)} differ from the stored search")
         ref_file, cost_file = work_dir / "references.safetensors", work_dir / "costs.json"
-        if not (ref_file.exists() and cost_file.exists()):
+        if given_costs is not None:
+            if cost_file.exists() and json.loads(cost_file.read_text()) != given_costs:
+                raise ConfigError(f"{cost_file}: this search was made with another cost table")
+            if not cost_file.exists():
+                _atomic_json(cost_file, given_costs)
+        if not ref_file.exists():
             refs = [_generate(pipe, p, settings.image_seed + i, call_kwargs) for i, p in enumerate(prompts)]
             save_file({f"ref{i}": r.contiguous() for i, r in enumerate(refs)}, str(ref_file))
+        if not cost_file.exists():
             threads = torch.get_num_threads()
             timed_at = settings.latency_threads or threads
             torch.set_num_threads(timed_at)
@@ -490,11 +513,12 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
 
 def search(pipe, prompts: list[str], work_dir: str | os.PathLike, settings: SearchSettings | None = None, *,
            call_kwargs: dict | None = None, scorer: Scorer | None = None, resume: bool = False,
-           progress: bool = True, confirm: list[str] | None = None) -> dict:
+           progress: bool = True, confirm: list[str] | None = None, costs: dict | None = None) -> dict:
     """Run (or resume) the search; returns ``{"frontier": [...records], "archive": n, ...}`` and
     writes the frontier with :func:`write_frontier` on the main process. ``confirm``: extra prompts
     (disjoint from ``prompts``) the near-frontier schedules are re-scored on before the frontier is
-    drawn (module docstring)."""
+    drawn (module docstring). ``costs``: a previous search's ``costs.json`` to reuse instead of
+    timing the components again (two searches with one table and one seed give one frontier)."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
     from pymoo.core.problem import Problem
@@ -517,7 +541,9 @@ def search(pipe, prompts: list[str], work_dir: str | os.PathLike, settings: Sear
     steps = _num_steps(pipe, call_kwargs)
     if steps < 2:
         raise ConfigError("an ECAD search needs at least 2 denoising steps")
-    references, costs = _prepare(pipe, prompts, call_kwargs, settings, work_dir, resume, state)
+    if costs is not None:
+        costs = check_costs(costs, slots)
+    references, costs = _prepare(pipe, prompts, call_kwargs, settings, work_dir, resume, state, costs)
     evaluator = _Evaluator(pipe, prompts, call_kwargs, settings, references, scorer or fidelity_scorer, costs, slots)
     memo = _read_evals(work_dir) if resume else {}
 

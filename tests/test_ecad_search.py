@@ -213,3 +213,21 @@ def test_latency_costs_are_timed_at_the_requested_thread_count(tmp_path, monkeyp
     assert json.loads((work / "costs.json").read_text())["latency"]["threads"] == 2
     with pytest.raises(Exception, match="latency_threads"):
         ecad_search.SearchSettings(latency_threads=0)
+
+
+def test_a_reused_cost_table_reproduces_a_latency_search(tmp_path):
+    import accel
+
+    latency = [a if a != "macs" else "latency" for a in ARGS]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([*latency, "--work-dir", str(first)]) == 0
+    table = first / "costs.json"
+    assert main([*latency, "--work-dir", str(second), "--costs", str(table)]) == 0
+    assert json.loads((second / "costs.json").read_text()) == json.loads(table.read_text())
+    assert _frontier(second) == _frontier(first)   # timings re-measured would move the estimates
+    bad = json.loads(table.read_text())
+    bad["latency"]["slots"].popitem()
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(accel.ConfigError, match="latency table's slots"):
+        main([*latency, "--work-dir", str(tmp_path / "third"), "--costs", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "third").exists()        # refused before anything was written
