@@ -222,6 +222,8 @@ def _search_target(model: str, steps: int, n_prompts: int, prompts_file: str | N
 
 
 def _ecad_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from caching.ecad_search import SearchSettings, fidelity_scorer, search
@@ -246,7 +248,6 @@ def _ecad_search(args: argparse.Namespace) -> int:
     costs = None
     if args.costs:
         import json
-        from pathlib import Path
 
         try:
             costs = json.loads(Path(args.costs).read_text())
@@ -254,8 +255,6 @@ def _ecad_search(args: argparse.Namespace) -> int:
             raise SystemExit(f"--costs {args.costs}: cannot read a cost table ({e})") from e
     result = search(pipe, prompts, args.work_dir, settings, call_kwargs=call, scorer=scorer, resume=args.resume,
                     progress=not args.quiet, confirm=confirm, costs=costs)
-    from pathlib import Path
-
     table = Path(args.work_dir) / "frontier" / "frontier.md"
     if table.exists():
         print(table.read_text())

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from accel import api, metrics
 from accel.adapters import get_adapter
@@ -452,12 +453,26 @@ def check_costs(costs: dict, slots: list[str], source: str = "costs") -> dict:
     return costs
 
 
+# settings a resumed search may change: more generations continue the same trajectory, and a
+# confirmation stage can follow a finished search; any other change would alter the trajectory
+_RESUMABLE = ("generations", "confirm_within")
+
+
+def _save_references(pipe, prompts, first_seed: int, call_kwargs, path: Path) -> None:
+    refs = [_generate(pipe, p, first_seed + i, call_kwargs) for i, p in enumerate(prompts)]
+    save_file({f"ref{i}": r.contiguous() for i, r in enumerate(refs)}, str(path))
+
+
+def _load_references(path: Path, n: int) -> list:
+    stored = load_file(str(path))
+    return [stored[f"ref{i}"] for i in range(n)]
+
+
 def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool, state,
              given_costs: dict | None = None) -> tuple[list, dict]:
     """References and cost tables: computed once (main process) and stored, or read back on resume.
     ``given_costs`` (a previous search's table) is stored instead of measuring one."""
     from accelerate.utils import broadcast_object_list
-    from safetensors.torch import load_file, save_file
 
     meta = {"settings": _as_stored(settings), "prompts": list(prompts),
             "call_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
@@ -471,12 +486,9 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
             old = json.loads(search_file.read_text())
             # a setting added after the search was stored takes its default (its behaviour then)
             old["settings"] = {**_as_stored(SearchSettings()), **old.get("settings", {})}
-            # more generations continue the same trajectory; anything else would change it
-            # so does a confirmation stage added to a finished search
-            for key in ("generations", "confirm_within"):
+            for key in _RESUMABLE:
                 old["settings"].pop(key, None)
-            now = {**meta, "settings": {k: v for k, v in meta["settings"].items()
-                                        if k not in ("generations", "confirm_within")}}
+            now = {**meta, "settings": {k: v for k, v in meta["settings"].items() if k not in _RESUMABLE}}
             if {k: old.get(k) for k in now} != now:
                 diff = [k for k in now if old.get(k) != now[k]]
                 raise ConfigError(f"{search_file}: cannot resume, {', '.join(diff)} differ from the stored search")
@@ -487,8 +499,7 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
             if not cost_file.exists():
                 _atomic_json(cost_file, given_costs)
         if not ref_file.exists():
-            refs = [_generate(pipe, p, settings.image_seed + i, call_kwargs) for i, p in enumerate(prompts)]
-            save_file({f"ref{i}": r.contiguous() for i, r in enumerate(refs)}, str(ref_file))
+            _save_references(pipe, prompts, settings.image_seed, call_kwargs, ref_file)
         if not cost_file.exists():
             threads = torch.get_num_threads()
             timed_at = settings.latency_threads or threads
@@ -504,8 +515,8 @@ def _prepare(pipe, prompts, call_kwargs, settings, work_dir: Path, resume: bool,
     state.wait_for_everyone()
     shared = [None, None]
     if state.is_main_process:
-        stored = load_file(str(work_dir / "references.safetensors"))
-        shared = [[stored[f"ref{i}"] for i in range(len(prompts))], json.loads((work_dir / "costs.json").read_text())]
+        shared = [_load_references(work_dir / "references.safetensors", len(prompts)),
+                  json.loads((work_dir / "costs.json").read_text())]
     if state.num_processes > 1:
         broadcast_object_list(shared)
     return shared[0], shared[1]
@@ -650,7 +661,6 @@ def _confirm(evaluator: _Evaluator, memo: dict, prompts: list[str], work_dir: Pa
     """Re-score the near-frontier schedules on ``prompts``; returns the memo with their scores
     replaced by the mean over calibration and confirmation prompts (``<key>_search`` keeps the first)."""
     from accelerate.utils import broadcast_object_list, gather_object
-    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     settings = evaluator.settings
@@ -666,14 +676,10 @@ def _confirm(evaluator: _Evaluator, memo: dict, prompts: list[str], work_dir: Pa
             raise ConfigError(f"{meta_file}: this search was confirmed on other prompts; use another work dir "
                               f"or delete confirm.* to re-confirm")
         if not (meta_file.exists() and ref_file.exists()):
-            refs = [_generate(evaluator.pipe, p, first_seed + i, evaluator.call_kwargs) for i, p in enumerate(prompts)]
-            save_file({f"ref{i}": r.contiguous() for i, r in enumerate(refs)}, str(ref_file))
+            _save_references(evaluator.pipe, prompts, first_seed, evaluator.call_kwargs, ref_file)
             _atomic_json(meta_file, meta)
     state.wait_for_everyone()
-    shared = [None]
-    if state.is_main_process:
-        stored = load_file(str(ref_file))
-        shared = [[stored[f"ref{i}"] for i in range(len(prompts))]]
+    shared = [_load_references(ref_file, len(prompts)) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(shared)
     tables = {"macs": evaluator.macs.table, "latency": evaluator.latency.table}
@@ -686,8 +692,8 @@ def _confirm(evaluator: _Evaluator, memo: dict, prompts: list[str], work_dir: Pa
     todo = [r["key"] for r in chosen if r["key"] not in done]
     # ``chosen`` runs from the cheapest (fastest to generate) to the dearest: deal it out round-robin
     # so each process's contiguous share holds both ends
-    k = state.num_processes
-    todo = [todo[i] for r in range(k) for i in range(r, len(todo), k)]
+    n_proc = state.num_processes
+    todo = [todo[i] for rank in range(n_proc) for i in range(rank, len(todo), n_proc)]
     mine = todo
     if state.num_processes > 1:
         with state.split_between_processes(todo) as share:
@@ -705,19 +711,16 @@ def _confirm(evaluator: _Evaluator, memo: dict, prompts: list[str], work_dir: Pa
     done.update({r["key"]: r for r in new})
     n1, n2 = len(evaluator.prompts), len(prompts)
     not_scores = {"key", "rejected", "generation", "macs", "latency_s", "macs_speedup", "speedup"}
-    out = dict(memo)
+    # the others were not re-run: they stay in the archive but leave the frontier's candidates
+    out = {key: r if r.get("rejected") else {**r, "unconfirmed": True} for key, r in memo.items()}
     for r in chosen:
         extra = done[r["key"]]
         merged = {**r, "confirmed": True}
-        for k in extra.keys() - not_scores:
-            if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool):
-                merged[f"{k}_search"] = r[k]
-                merged[k] = (n1 * r[k] + n2 * extra[k]) / (n1 + n2)
+        for name in extra.keys() - not_scores:
+            if isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool):
+                merged[f"{name}_search"] = r[name]
+                merged[name] = (n1 * r[name] + n2 * extra[name]) / (n1 + n2)
         out[r["key"]] = merged
-    # the others were not re-run: they stay in the archive but leave the frontier's candidates
-    for key, r in memo.items():
-        if key not in {c["key"] for c in chosen} and not r.get("rejected"):
-            out[key] = {**r, "unconfirmed": True}
     return out
 
 
