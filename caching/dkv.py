@@ -163,6 +163,21 @@ def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, valid
 
 
+def _cache_keyword(model) -> str:
+    """The keyword ``model.forward`` takes its cache by: ``cache`` since transformers 5.23 (which warns
+    on ``past_key_values``), ``past_key_values`` before, and in remote-code models such as LLaDA2's."""
+    import inspect
+
+    cls = type(model)
+    if cls not in _CACHE_KEYWORD:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KEYWORD[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORD[cls]
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
 def forward_subset(model, cache: DKVCache, x, attention, positions, fed, refresh: bool, call=None) -> torch.Tensor:
     """Run ``model`` (or ``call``, its unhooked forward) on the ``fed`` positions of ``x`` (B, L), serving
     the other valid positions from ``cache`` (or rebuilding it when ``refresh``); returns (B, L, V)
@@ -176,7 +191,7 @@ def forward_subset(model, cache: DKVCache, x, attention, positions, fed, refresh
         neg = torch.finfo(model.dtype).min
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=x.device).masked_fill(~mask, neg)
     out = (call or model)(input_ids=x.gather(1, fed_idx), position_ids=positions.gather(1, fed_idx),
-                          attention_mask=mask, past_key_values=cache, use_cache=True).logits
+                          attention_mask=mask, use_cache=True, **{_cache_keyword(model): cache}).logits
     width = x.shape[1]
     logits = out.new_zeros(x.shape[0], width + 1, out.shape[-1])  # padded slots land in column L
     logits.scatter_(1, torch.where(fed_valid, fed_idx, width)[..., None].expand(-1, -1, out.shape[-1]), out)

@@ -136,6 +136,9 @@ def test_dllm_bench_harness_on_a_tiny_model(tmp_path):
     assert all(r["speedup"] == 1.0 and r["computed"] == 1.0 for r in base)
     cached = [r for r in rows if r["method"] == "decode R=8"]
     assert all(0 < r["computed"] < 1 for r in cached)
+    # Greedy's exact match is compared with the uncached run of its own (random, seeded) commit order
+    assert {r["reference"] for r in rows if r["method"].startswith("greedy")} == {"uncached, random order"}
+    assert {r["reference"] for r in rows if r["method"] == "decode R=8"} == {"uncached"}
     assert min(r["prompt_tokens"] for r in rows if r["prompts"] == "long") >= 256
     out = bench_dllm.write(result, tmp_path)
     assert "| 1 | decode R=8 |" in out.with_suffix(".md").read_text()

@@ -3,7 +3,7 @@ import torch
 
 import accel
 from caching import DKVCacheConfig, StaticCacheConfig
-from caching.dkv import DKVCache, StepPlan, _pack
+from caching.dkv import DKVCache, StepPlan, _cache_keyword, _pack
 from pipelines.diffusion_lm import DiffusionLMPipeline
 from pipelines.zoo.dlm import DLMRecipe, build_model, build_tokenizer
 
@@ -39,7 +39,7 @@ def test_cached_logits_equal_the_full_forward(attn):
     if attn == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     model(input_ids=x.gather(1, idx), position_ids=positions.gather(1, idx), attention_mask=mask,
-          past_key_values=cache, use_cache=True)
+          use_cache=True, **{_cache_keyword(model): cache})
     # feed unequal subsets per row, serve the rest from the cache
     fed = torch.zeros_like(valid)
     fed[0, [2, 5, 9]] = True
@@ -50,7 +50,7 @@ def test_cached_logits_equal_the_full_forward(attn):
     if attn == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     out = model(input_ids=x.gather(1, f_idx), position_ids=positions.gather(1, f_idx), attention_mask=mask,
-                past_key_values=cache, use_cache=True).logits
+                use_cache=True, **{_cache_keyword(model): cache}).logits
     for row, cols in ((0, [2, 5, 9]), (1, [4, 19])):
         assert torch.allclose(out[row, :len(cols)], full[row, cols], atol=1e-5)
 
@@ -112,6 +112,20 @@ def test_no_item_calls_inside_the_step_loop(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", refuse)
     out = pipe([PROMPT_24, "sort:qwert|"], gen_length=32, block_length=32, steps=16, return_ids=True)
     assert out.shape == (2, 32)
+
+
+def test_the_cache_goes_by_the_keyword_the_model_takes():
+    import inspect
+    import warnings
+
+    pipe = _pipe()
+    key = _cache_keyword(pipe.model)
+    assert key in inspect.signature(type(pipe.model).forward).parameters
+    accel.apply(pipe, DKVCacheConfig(variant="decode", refresh_interval=4))
+    with warnings.catch_warnings():  # transformers >= 5.23 warns when given `past_key_values`
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        out = pipe([PROMPT_24], **KW)
+    assert out.shape == (1, 64) and accel.stats(pipe)["tokens_computed"] < accel.stats(pipe)["tokens_total"]
 
 
 def test_llada2_pipeline_under_a_decode_cache():
