@@ -43,6 +43,8 @@ Index sets are built on the device with sorts (no per-row loops; one host sync p
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -166,16 +168,12 @@ def _pack(select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _cache_keyword(model) -> str:
     """The keyword ``model.forward`` takes its cache by: ``cache`` since transformers 5.23 (which warns
     on ``past_key_values``), ``past_key_values`` before, and in remote-code models such as LLaDA2's."""
-    import inspect
-
-    cls = type(model)
-    if cls not in _CACHE_KEYWORD:
-        params = inspect.signature(cls.forward).parameters
-        _CACHE_KEYWORD[cls] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KEYWORD[cls]
+    return _cache_keyword_of(type(model))
 
 
-_CACHE_KEYWORD: dict[type, str] = {}
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def forward_subset(model, cache: DKVCache, x, attention, positions, fed, refresh: bool, call=None) -> torch.Tensor:
