@@ -1,6 +1,6 @@
 """``accel bench dllm``: diffusion-LM decoding speed and exact match on ``dlm-tasks``.
 
-    $ accel bench dllm --n 64
+    $ accel bench dllm --prompts 64 --threads 1
 
 Methods, all on the same held-out tasks in one process: uncached (one token per step), each
 dKV-Cache variant (Greedy beside an uncached run with random commit order, which it needs; both draw
