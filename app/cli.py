@@ -6,6 +6,7 @@
     $ accel bench shapes-t2i    # the trained reference model: fidelity, evaluator accuracy, Fréchet
     $ accel zoo train shapes-t2i --work-dir runs/shapes-t2i    # retrain a reference model (resumable)
     $ accel zoo eval shapes-t2i # held-out prompt adherence of the shipped model
+    $ accel zoo guidance shapes-t2i --scales 1.5,2.5,4.5   # guidance scan on calibration prompts
     $ accel ecad search --model shapes-t2i --work-dir runs/ecad   # NSGA-II cache-schedule search
     $ accel ecad show runs/ecad/frontier/00_*.json                # summary + heat-map PNG
     $ accel erta profile --model shapes-t2i --target-speedup 2 --out erta.json   # ERTACache profile
@@ -134,8 +135,14 @@ def _zoo_eval(args: argparse.Namespace) -> int:
     import torch
 
     from pipelines.zoo import load_reference
-    from pipelines.zoo.scoring import evaluate_pipeline
+    from pipelines.zoo.scoring import QUALITY_GUIDANCE, evaluate_pipeline
 
+    if args.name == "dlm-tasks" and args.guidance is not None:
+        print("--guidance is for the image and video models; dlm-tasks has no guidance", file=sys.stderr)
+        return 2
+    if args.guidance is not None and args.guidance < 1.0:
+        print(f"--guidance must be >= 1 (1 turns guidance off), got {args.guidance}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_reference(args.name, path=args.path)
@@ -150,6 +157,9 @@ def _zoo_eval(args: argparse.Namespace) -> int:
             Path(args.out).write_text(json.dumps(report, indent=1))
         return 0
     call = {"num_inference_steps": args.steps} if args.steps else {}
+    guidance = args.guidance if args.guidance is not None else QUALITY_GUIDANCE.get(args.name)
+    if guidance is not None:
+        call["guidance_scale"] = guidance
     report, _ = evaluate_pipeline(pipe, args.name, n=args.n, seed=args.seed, progress=not args.quiet, **call)
     report["command"] = "accel " + shlex.join(sys.argv[1:])
     summary = {k: report[k] for k in ("n", "attributes", "count", "overall", "image_accuracy", "frechet",
@@ -165,6 +175,65 @@ def _zoo_eval(args: argparse.Namespace) -> int:
         out.with_suffix(".md").write_text(_zoo_markdown(args.name, report))
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def _zoo_guidance(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from pipelines.zoo import load_reference
+    from pipelines.zoo.scoring import scan_guidance
+
+    if args.name == "dlm-tasks":
+        print("guidance scans are for the image and video models; dlm-tasks has no guidance", file=sys.stderr)
+        return 2
+    try:
+        scales = [float(g) for g in args.scales.split(",") if g.strip()]
+    except ValueError:
+        print(f"--scales must be comma-separated numbers, got {args.scales!r}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_reference(args.name, path=args.path)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": args.steps} if args.steps else {}
+    try:
+        scan = scan_guidance(pipe, args.name, scales, n=args.n, seed=args.seed, progress=not args.quiet, **call)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    scan["command"] = "accel " + shlex.join(sys.argv[1:])
+    md = _guidance_markdown(scan)
+    print(md)
+    if args.out:
+        from accel.bench import hardware
+
+        scan["hardware"] = hardware()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(scan, indent=1, default=str))
+        out.with_suffix(".md").write_text(md + f"\nHardware: {scan['hardware']}\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _guidance_markdown(scan: dict) -> str:
+    attrs = list(scan["rows"][0]["attributes"])
+    lines = [
+        f"# {scan['name']}: guidance scan on calibration prompts", "",
+        f"`{scan['command']}` — the first {scan['n']} calibration prompts (never the held-out ones), "
+        f"{scan['call']}, seeds {scan['seed']}+i; the pipeline's default guidance is {scan['default_guidance']:g}.",
+        "", "| guidance | " + " | ".join(attrs) + " | count | overall | fully correct |",
+        "|---" * (len(attrs) + 4) + "|",
+    ]
+    for r in scan["rows"]:
+        mark = " (best)" if r["guidance_scale"] == scan["best"] else ""
+        lines.append(f"| {r['guidance_scale']:g}{mark} | " + " | ".join(f"{r['attributes'][a]:.1%}" for a in attrs)
+                     + f" | {r['count']:.1%} | {r['overall']:.1%} | {r['image_accuracy']:.1%} |")
+    lines += ["", f"Best (highest fully-correct rate, then adherence): guidance {scan['best']:g}.", ""]
+    return "\n".join(lines)
 
 
 def _zoo_markdown(name: str, report: dict) -> str:
@@ -399,10 +468,24 @@ def build_parser() -> argparse.ArgumentParser:
     ze.add_argument("--n", type=int, default=200, help="number of held-out prompts")
     ze.add_argument("--steps", type=int, default=0, help="inference steps (default: the model's evaluation setting)")
     ze.add_argument("--seed", type=int, default=0)
+    ze.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance (default: the model's quality setting, chosen on calibration "
+                         "prompts by `accel zoo guidance`; 2.5 for shapes-t2i, the pipeline's default otherwise)")
     ze.add_argument("--out", help="write the full report (JSON) here")
     ze.add_argument("--threads", type=int, default=0)
     ze.add_argument("--quiet", action="store_true")
     ze.set_defaults(func=_zoo_eval)
+    zg = zsub.add_parser("guidance", help="score guidance scales on calibration prompts (never held-out ones)")
+    zg.add_argument("name", help="shapes-t2i or shapes-t2v")
+    zg.add_argument("--path", help="a trained pipeline folder (default: the shipped weights)")
+    zg.add_argument("--scales", default="1.5,2,2.5,3,3.5,4.5", help="comma-separated guidance scales")
+    zg.add_argument("--n", type=int, default=128, help="number of calibration prompts")
+    zg.add_argument("--steps", type=int, default=0, help="inference steps (default: the model's evaluation setting)")
+    zg.add_argument("--seed", type=int, default=1000, help="prompt i is drawn with seed SEED+i")
+    zg.add_argument("--out", help="write the scan (JSON, and markdown beside it) here")
+    zg.add_argument("--threads", type=int, default=0)
+    zg.add_argument("--quiet", action="store_true")
+    zg.set_defaults(func=_zoo_guidance)
 
     ecad = sub.add_parser("ecad", help="ECAD cache schedules: search and inspect")
     esub = ecad.add_subparsers(dest="ecad_command", required=True)

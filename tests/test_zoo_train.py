@@ -1,5 +1,6 @@
 """Training the reference recipes (tiny versions), resuming, loading, evaluating and benchmarking."""
 
+import functools
 import json
 
 import pytest
@@ -157,6 +158,79 @@ def test_cli_zoo_eval_writes_report(tiny_t2i, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["n"] == 2 and len(report["correct"]) == 2 and "hardware" in report
     assert "fully correct images" in out.with_suffix(".md").read_text()
+
+
+def test_guidance_scan_reads_calibration_prompts_with_the_same_seeds_per_scale(tiny_t2i):
+    from pipelines.zoo import load_reference
+    from pipelines.zoo.scoring import calibration_prompts, heldout_prompts, scan_guidance
+
+    pipe = load_reference("shapes-t2i", path=tiny_t2i)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    call = type(pipe).__call__
+
+    @functools.wraps(call)          # keeps the signature: the scan reads the pipeline's default guidance from it
+    def spy(self, prompt=None, **kw):
+        seen.append((tuple(prompt), kw["guidance_scale"], tuple(g.initial_seed() for g in kw["generator"])))
+        return call(self, prompt, **kw)
+
+    type(pipe).__call__ = spy
+    try:
+        scan = scan_guidance(pipe, "shapes-t2i", [1.0, 3.0], n=3, batch=2, progress=False, num_inference_steps=2)
+    finally:
+        type(pipe).__call__ = call
+    calib = calibration_prompts("shapes-t2i", 3)
+    assert [p for chunk, _, _ in seen for p in chunk] == calib * 2
+    assert calib != heldout_prompts("shapes-t2i", 3)
+    assert [g for _, g, _ in seen] == [1.0, 1.0, 3.0, 3.0]
+    assert [s for _, _, seeds in seen for s in seeds] == [1000, 1001, 1002] * 2     # same seeds per scale
+    assert [r["guidance_scale"] for r in scan["rows"]] == [1.0, 3.0] and scan["default_guidance"] == 4.5
+    for bad in ([], [0.5], [float("nan")]):
+        with pytest.raises(ValueError, match="guidance scales"):
+            scan_guidance(pipe, "shapes-t2i", bad, n=1)
+
+
+def test_guidance_scan_choice(monkeypatch):
+    """Highest fully-correct rate wins, then adherence, then the scale nearest the pipeline's default."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipelines.zoo import scoring
+
+    class Fake:
+        def __call__(self, prompt=None, guidance_scale: float = 4.5, generator=None, **kw):
+            return SimpleNamespace(images=[np.full((8, 8, 3), int(guidance_scale), np.uint8)] * len(prompt))
+
+    for table, best in (({1: (0.5, 0.9), 2: (0.6, 0.8), 3: (0.6, 0.7)}, 2.0),
+                        ({1: (0.5, 0.9), 2: (0.5, 0.9), 3: (0.5, 0.9)}, 3.0)):
+        monkeypatch.setattr(scoring, "score_outputs", lambda name, outs, prompts, t=table: {
+            "image_accuracy": t[int(outs[0][0, 0, 0])][0], "overall": t[int(outs[0][0, 0, 0])][1],
+            "attributes": {}, "count": 1.0})
+        assert scoring.scan_guidance(Fake(), "shapes-t2i", [1, 2, 3], n=2, progress=False)["best"] == best
+
+
+def test_cli_zoo_guidance_and_eval_guidance(tiny_t2i, tmp_path, capsys):
+    from app.cli import main
+    from pipelines.zoo.scoring import QUALITY_GUIDANCE
+
+    out = tmp_path / "g.json"
+    assert main(["zoo", "guidance", "shapes-t2i", "--path", str(tiny_t2i), "--n", "2", "--steps", "2",
+                 "--scales", "1,2", "--out", str(out), "--quiet"]) == 0
+    scan = json.loads(out.read_text())
+    assert scan["split"] == "calibration" and scan["best"] in (1.0, 2.0) and len(scan["rows"]) == 2
+    assert "(best)" in out.with_suffix(".md").read_text()
+    assert main(["zoo", "guidance", "shapes-t2i", "--path", str(tiny_t2i), "--scales", "1,x"]) == 2
+    assert main(["zoo", "guidance", "shapes-t2i", "--path", str(tiny_t2i), "--scales", "0.5"]) == 2
+    assert main(["zoo", "guidance", "dlm-tasks"]) == 2
+    assert main(["zoo", "eval", "dlm-tasks", "--guidance", "2"]) == 2
+    assert "guidance" in capsys.readouterr().err
+    # eval reads quality at the model's chosen guidance unless told otherwise
+    for extra, expected in (([], QUALITY_GUIDANCE["shapes-t2i"]), (["--guidance", "4.5"], 4.5)):
+        rep = tmp_path / "e.json"
+        assert main(["zoo", "eval", "shapes-t2i", "--path", str(tiny_t2i), "--n", "2", "--steps", "2",
+                     "--out", str(rep), "--quiet", *extra]) == 0
+        assert json.loads(rep.read_text())["call"]["guidance_scale"] == expected
 
 
 def test_load_reference_errors():
