@@ -232,7 +232,7 @@ def _guidance_markdown(scan: dict) -> str:
         mark = " (best)" if r["guidance_scale"] == scan["best"] else ""
         lines.append(f"| {r['guidance_scale']:g}{mark} | " + " | ".join(f"{r['attributes'][a]:.1%}" for a in attrs)
                      + f" | {r['count']:.1%} | {r['overall']:.1%} | {r['image_accuracy']:.1%} |")
-    lines += ["", f"Best (highest fully-correct rate, then adherence): guidance {scan['best']:g}.", ""]
+    lines += ["", f"Best (highest overall adherence, then fully-correct rate): guidance {scan['best']:g}.", ""]
     return "\n".join(lines)
 
 

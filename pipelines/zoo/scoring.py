@@ -113,8 +113,8 @@ def scan_guidance(pipe, name: str, scales, n: int = 128, seed: int = 1000, batch
         >>> scan = scan_guidance(load_reference("shapes-t2i"), "shapes-t2i", [1.5, 2.5, 4.5], n=32)
         >>> scan["best"], [(r["guidance_scale"], r["image_accuracy"]) for r in scan["rows"]]
 
-    The best scale has the highest fully-correct rate, ties broken by overall adherence, then by the
-    scale closest to the pipeline's default. Held-out prompts are never looked at, so a held-out
+    The best scale has the highest overall adherence, ties broken by the fully-correct rate, then by
+    the scale closest to the pipeline's default. Held-out prompts are never looked at, so a held-out
     evaluation at the chosen scale stays a held-out figure. Every scale sees the same prompts and seeds.
     """
     scales = [float(g) for g in scales]
@@ -132,7 +132,7 @@ def scan_guidance(pipe, name: str, scales, n: int = 128, seed: int = 1000, batch
         rows.append({"guidance_scale": g, "overall": report["overall"], "image_accuracy": report["image_accuracy"],
                      "attributes": report["attributes"], "count": report["count"]})
     default = _default_guidance(pipe)
-    best = max(rows, key=lambda r: (r["image_accuracy"], r["overall"], -abs(r["guidance_scale"] - default)))
+    best = max(rows, key=lambda r: (r["overall"], r["image_accuracy"], -abs(r["guidance_scale"] - default)))
     return {"name": name, "split": "calibration", "n": len(prompts), "seed": seed, "call": call,
             "default_guidance": default, "rows": rows, "best": best["guidance_scale"]}
 
