@@ -135,14 +135,17 @@ def _zoo_eval(args: argparse.Namespace) -> int:
     import torch
 
     from pipelines.zoo import load_reference
-    from pipelines.zoo.scoring import QUALITY_GUIDANCE, evaluate_pipeline
+    from pipelines.zoo.scoring import QUALITY_GUIDANCE, check_guidance, evaluate_pipeline
 
     if args.name == "dlm-tasks" and args.guidance is not None:
         print("--guidance is for the image and video models; dlm-tasks has no guidance", file=sys.stderr)
         return 2
-    if args.guidance is not None and args.guidance < 1.0:
-        print(f"--guidance must be >= 1 (1 turns guidance off), got {args.guidance}", file=sys.stderr)
-        return 2
+    if args.guidance is not None:
+        try:
+            check_guidance([args.guidance])
+        except ValueError as e:
+            print(f"--guidance: {e}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_reference(args.name, path=args.path)
@@ -166,21 +169,26 @@ def _zoo_eval(args: argparse.Namespace) -> int:
                                       "real_frechet_floor")}
     print(json.dumps(summary, indent=1))
     if args.out:
-        from accel.bench import hardware
-
-        report["hardware"] = hardware()
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, default=str))
-        out.with_suffix(".md").write_text(_zoo_markdown(args.name, report))
-        print(f"wrote {out} and {out.with_suffix('.md')}")
+        _write_report(args.out, report, lambda r: _zoo_markdown(args.name, r))
     return 0
 
 
-def _zoo_guidance(args: argparse.Namespace) -> int:
+def _write_report(path: str, report: dict, markdown) -> None:
+    """`report` plus the machine as JSON at `path`, and `markdown(report)` beside it (.md)."""
     import json
     from pathlib import Path
 
+    from accel.bench import hardware
+
+    report["hardware"] = hardware()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _zoo_guidance(args: argparse.Namespace) -> int:
     import torch
 
     from pipelines.zoo import load_reference
@@ -205,17 +213,9 @@ def _zoo_guidance(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
         return 2
     scan["command"] = "accel " + shlex.join(sys.argv[1:])
-    md = _guidance_markdown(scan)
-    print(md)
+    print(_guidance_markdown(scan))
     if args.out:
-        from accel.bench import hardware
-
-        scan["hardware"] = hardware()
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(scan, indent=1, default=str))
-        out.with_suffix(".md").write_text(md + f"\nHardware: {scan['hardware']}\n")
-        print(f"wrote {out} and {out.with_suffix('.md')}")
+        _write_report(args.out, scan, _guidance_markdown)
     return 0
 
 
@@ -233,6 +233,8 @@ def _guidance_markdown(scan: dict) -> str:
         lines.append(f"| {r['guidance_scale']:g}{mark} | " + " | ".join(f"{r['attributes'][a]:.1%}" for a in attrs)
                      + f" | {r['count']:.1%} | {r['overall']:.1%} | {r['image_accuracy']:.1%} |")
     lines += ["", f"Best (highest overall adherence, then fully-correct rate): guidance {scan['best']:g}.", ""]
+    if "hardware" in scan:
+        lines += [f"Hardware: {scan['hardware']}", ""]
     return "\n".join(lines)
 
 

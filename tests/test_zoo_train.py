@@ -225,6 +225,7 @@ def test_cli_zoo_guidance_and_eval_guidance(tiny_t2i, tmp_path, capsys):
     assert main(["zoo", "guidance", "shapes-t2i", "--path", str(tiny_t2i), "--scales", "0.5"]) == 2
     assert main(["zoo", "guidance", "dlm-tasks"]) == 2
     assert main(["zoo", "eval", "dlm-tasks", "--guidance", "2"]) == 2
+    assert main(["zoo", "eval", "shapes-t2i", "--path", str(tiny_t2i), "--guidance", "nan"]) == 2
     assert "guidance" in capsys.readouterr().err
     # eval reads quality at the model's chosen guidance unless told otherwise
     for extra, expected in (([], QUALITY_GUIDANCE["shapes-t2i"]), (["--guidance", "4.5"], 4.5)):

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -118,9 +120,7 @@ def scan_guidance(pipe, name: str, scales, n: int = 128, seed: int = 1000, batch
     the scale closest to the pipeline's default. Held-out prompts are never looked at, so a held-out
     evaluation at the chosen scale stays a held-out figure. Every scale sees the same prompts and seeds.
     """
-    scales = [float(g) for g in scales]
-    if not scales or any(not np.isfinite(g) or g < 1.0 for g in scales):
-        raise ValueError(f"guidance scales must be finite numbers >= 1 (1 turns guidance off), got {scales}")
+    scales = check_guidance(scales)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     call = {**EVAL_CALL[name], **call}
@@ -138,9 +138,15 @@ def scan_guidance(pipe, name: str, scales, n: int = 128, seed: int = 1000, batch
             "default_guidance": default, "rows": rows, "best": best["guidance_scale"]}
 
 
-def _default_guidance(pipe) -> float:
-    import inspect
+def check_guidance(scales) -> list[float]:
+    """The scales as floats; ValueError unless there is at least one and each is finite and >= 1."""
+    scales = [float(g) for g in scales]
+    if not scales or any(not np.isfinite(g) or g < 1.0 for g in scales):
+        raise ValueError(f"guidance scales must be finite numbers >= 1 (1 turns guidance off), got {scales}")
+    return scales
 
+
+def _default_guidance(pipe) -> float:
     p = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
     return float(p.default) if p is not None and p.default is not inspect.Parameter.empty else 1.0
 
