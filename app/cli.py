@@ -106,7 +106,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _zoo_train(args: argparse.Namespace) -> int:
     from pipelines.zoo.recipes import RECIPES
-    from pipelines.zoo.train import train
+    from pipelines.zoo.train import VAECheckError, train
 
     if args.name == "dlm-tasks":
         from pipelines.zoo.dlm import DLMRecipe
@@ -121,8 +121,12 @@ def _zoo_train(args: argparse.Namespace) -> int:
         print(f"unknown reference model {args.name!r}; choose one of: {', '.join(sorted(RECIPES))}", file=sys.stderr)
         return 2
     recipe = RECIPES[args.name].replace(steps=args.steps) if args.steps else RECIPES[args.name]
-    out = train(recipe, args.work_dir or f"runs/{args.name}", args.out, progress=not args.quiet,
-                threads=args.threads or None, stop_at=args.stop_at, device=args.device)
+    try:
+        out = train(recipe, args.work_dir or f"runs/{args.name}", args.out, progress=not args.quiet,
+                    threads=args.threads or None, stop_at=args.stop_at, device=args.device)
+    except VAECheckError as e:
+        print(e, file=sys.stderr)
+        return 1
     print(f"pipeline written to {out}" if out else f"stopped at a checkpoint at or after step {args.stop_at}; "
           "run the same command without --stop-at to resume")
     return 0

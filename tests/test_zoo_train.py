@@ -51,6 +51,52 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     assert any(not torch.equal(other[k], _weights(straight)[k]) for k in other)
 
 
+def test_a_vae_that_loses_colours_stops_training_before_the_denoiser(tmp_path):
+    # two VAE steps learn nothing: the colour check must stop the run with a clear error, before any
+    # latents are encoded or denoiser steps taken, and keep its scores; a rerun says the same again
+    recipe = tiny_recipe("shapes-t2i").replace(steps=2, vae_min_colour=0.95)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"reads the colour of only \d+% .*asks 95%"):
+            train(recipe, tmp_path, progress=False)
+    assert not (tmp_path / "denoiser").exists()
+    report = json.loads((tmp_path / "vae" / "readback.json").read_text())
+    assert report["attributes"]["colour"] < 0.95 and report["n"] == 64
+
+
+def test_cli_zoo_train_reports_a_failed_vae_check(tmp_path, capsys):
+    # a finished VAE stage whose recorded read-back lost colours: the command exits 1 with the message
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from app.cli import main
+    from pipelines.zoo import WEIGHTS
+
+    vae = AutoencoderKL.from_pretrained(WEIGHTS / "shapes-t2i", subfolder="vae")
+    (tmp_path / "vae").mkdir()
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp_path / "vae" / "vae.safetensors")
+    (tmp_path / "vae" / "done").write_text("")
+    (tmp_path / "vae" / "readback.json").write_text(json.dumps({"attributes": {"colour": 0.33}}))
+    assert main(["zoo", "train", "shapes-t2i", "--work-dir", str(tmp_path), "--device", "cpu", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "colour of only 33%" in err and "asks 95%" in err
+    assert not (tmp_path / "denoiser").exists() and not (tmp_path / "pipeline").exists()
+
+
+def test_shipped_shapes_t2i_vae_reads_back():
+    # the shipped VAE keeps every attribute the evaluator reads (the check above passes on it)
+    from diffusers import AutoencoderKL
+
+    from pipelines.zoo import WEIGHTS
+    from pipelines.zoo.recipes import RECIPES
+    from pipelines.zoo.train import vae_readback
+
+    assert is_shipped("shapes-t2i")
+    vae = AutoencoderKL.from_pretrained(WEIGHTS / "shapes-t2i", subfolder="vae").eval()
+    report = vae_readback(RECIPES["shapes-t2i"], vae, n=16)
+    assert report["attributes"]["colour"] >= RECIPES["shapes-t2i"].vae_min_colour, report["attributes"]
+    assert report["overall"] >= 0.95, report["attributes"]
+
+
 def test_high_noise_share_draws_timesteps_from_the_upper_half():
     from pipelines.zoo.recipes import build_components
     from pipelines.zoo.train import denoiser_loss
