@@ -104,8 +104,10 @@ RECIPES: dict[str, Recipe] = {
     # (53.7 % adherence on 200 held-out prompts; docs/reference_models.md)
     # 7000 steps: the shipped weights are a 5000-step run continued to 7000 (`--steps 7000` on the finished
     # run re-spreads the cosine, a warm restart at 28 % of the peak lr); shape 76.5 -> 79.9 %, fully
-    # correct 56.5 -> 62.5 % on 200 held-out prompts. From scratch in one go: 2 h 27 min on a 2-core CPU
-    # (VAE 14.5 min + latents ~5 + 7000 x 1.10 s); 95.4 % adherence, 69 % fully correct, 14 of the fixed 20
+    # correct 56.5 -> 62.5 % on 200 held-out prompts. From scratch in one go: 2 h 27 min on a 2-core Intel
+    # Xeon (VAE 14.5 min + latents ~5 + 7000 x 1.10 s); 95.4 % adherence, 69 % fully correct, 14 of the fixed 20.
+    # On a 2-core AMD EPYC the denoiser takes 1.80 s a step (about 3 h 50 min in all), and that run's VAE lost
+    # colours (vae_min_colour now stops such a run after the VAE stage)
     "shapes-t2i": Recipe(name="shapes-t2i", kind="t2i", text_aux_weight=0.1, steps=7000, vae_min_colour=0.95),
     # 17 frames of 128 x 128, the VAE halving time once: 9 latent frames of 8 x 8 patches = 576 video
     # tokens per clip. One moving object per clip (shapes.MAX_OBJECTS). 6 layers x 128 wide, 8 clips and
