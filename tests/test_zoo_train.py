@@ -75,7 +75,7 @@ def test_cli_zoo_train_reports_a_failed_vae_check(tmp_path, capsys):
     (tmp_path / "vae").mkdir()
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, tmp_path / "vae" / "vae.safetensors")
     (tmp_path / "vae" / "done").write_text("")
-    (tmp_path / "vae" / "readback.json").write_text(json.dumps({"attributes": {"colour": 0.33}}))
+    (tmp_path / "vae" / "readback.json").write_text(json.dumps({"n": 64, "attributes": {"colour": 0.33}}))
     assert main(["zoo", "train", "shapes-t2i", "--work-dir", str(tmp_path), "--device", "cpu", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "colour of only 33%" in err and "asks 95%" in err

@@ -178,7 +178,7 @@ def vae_readback(r: Recipe, vae, n: int = 64) -> dict:
         for i in range(0, n, 8):
             batch = x[i:i + 8].to(device)
             out.append(vae.decode(vae.encode(batch).latent_dist.mode()).sample.cpu())
-    images = ((torch.cat(out).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = ((torch.cat(out).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)    # the evaluator takes [0, 1] HWC
     return score_images(list(images), [caption(s) for s in scenes])
 
 
@@ -197,7 +197,7 @@ def check_vae(r: Recipe, vae, work: Path) -> dict | None:
     if colour < r.vae_min_colour:
         raise VAECheckError(
             f"{r.name}: the evaluator reads the colour of only {colour:.0%} of the objects in the VAE's "
-            f"reconstructions of 64 calibration scenes (the recipe asks {r.vae_min_colour:.0%}; scores in "
+            f"reconstructions of {report['n']} calibration scenes (the recipe asks {r.vae_min_colour:.0%}; scores in "
             f"{path}). Its latents lost colours, so no denoiser trained on them "
             f"can reach the targets; the denoiser stage is not run. Delete {work / 'vae'} and retrain "
             f"the VAE with a recipe that keeps them (for example a larger vae_fg_weight).")
