@@ -6,6 +6,7 @@
     $ accel bench shapes-t2i    # the trained reference model: fidelity, evaluator accuracy, Fréchet
     $ accel zoo train shapes-t2i --work-dir runs/shapes-t2i    # retrain a reference model (resumable)
     $ accel zoo eval shapes-t2i # held-out prompt adherence of the shipped model
+    $ accel zoo export shapes-t2i --work-dir runs/shapes-t2i   # a run's latest checkpoint, as a pipeline
     $ accel zoo guidance shapes-t2i --scales 1.5,2.5,4.5   # guidance scan on calibration prompts
     $ accel ecad search --model shapes-t2i --work-dir runs/ecad   # NSGA-II cache-schedule search
     $ accel ecad show runs/ecad/frontier/00_*.json                # summary + heat-map PNG
@@ -129,6 +130,41 @@ def _zoo_train(args: argparse.Namespace) -> int:
         return 1
     print(f"pipeline written to {out}" if out else f"stopped at a checkpoint at or after step {args.stop_at}; "
           "run the same command without --stop-at to resume")
+    return 0
+
+
+def _zoo_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pipelines.zoo.recipes import RECIPES
+    from pipelines.zoo.train import pipeline_from_checkpoint, run_recipe
+
+    if args.name not in RECIPES:
+        print(f"accel zoo export takes an image or video reference model ({', '.join(sorted(RECIPES))}), "
+              f"not {args.name!r}", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir)
+    try:
+        recipe = run_recipe(work)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    if recipe.name != args.name:
+        print(f"{work} is a {recipe.name} run, not {args.name}", file=sys.stderr)
+        return 2
+    meta = work / "denoiser" / "meta.json"
+    if not meta.exists():
+        print(f"no denoiser checkpoint in {work} yet (the first is written at step {recipe.checkpoint_every})",
+              file=sys.stderr)
+        return 2
+    step = json.loads(meta.read_text())["step"]
+    weights = "raw" if args.no_ema else "ema"
+    out = Path(args.out) if args.out else work / "exports" / f"step{step}-{weights}"
+    pipe = pipeline_from_checkpoint(None, work, ema=not args.no_ema)
+    pipe.save_pretrained(out, safe_serialization=True)
+    print(f"step {step} of {recipe.steps} ({weights} weights) written to {out}; "
+          f"score it with: accel zoo eval {args.name} --path {out}")
     return 0
 
 
@@ -468,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else the CPU)")
     zt.add_argument("--quiet", action="store_true")
     zt.set_defaults(func=_zoo_train)
+    zx = zsub.add_parser("export", help="save the pipeline at a training run's latest checkpoint (to score it "
+                                        "before the run ends)")
+    zx.add_argument("name", help="shapes-t2i or shapes-t2v")
+    zx.add_argument("--work-dir", required=True, help="the work dir of `accel zoo train`")
+    zx.add_argument("--out", help="pipeline folder (default WORK_DIR/exports/stepN-ema)")
+    zx.add_argument("--no-ema", action="store_true", help="the trained weights instead of their EMA")
+    zx.set_defaults(func=_zoo_export)
     ze = zsub.add_parser("eval", help="score a reference model on held-out prompts")
     ze.add_argument("name", help="shapes-t2i, shapes-t2v or dlm-tasks")
     ze.add_argument("--path", help="a trained pipeline folder (default: the shipped weights)")

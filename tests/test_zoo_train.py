@@ -34,6 +34,37 @@ def test_tiny_t2i_trains_and_loads_with_default_call(tiny_t2i):
     assert image.size == (256, 256)                          # the default resolution: 32 x 8
 
 
+def test_cli_zoo_export_saves_the_latest_checkpoint(tiny_t2i, tmp_path, capsys):
+    # the run's own recipe (a tiny one, not the shipped shapes-t2i) rebuilds its components; at the
+    # last step the EMA export holds exactly the weights the finished run saved, the raw one others
+    from app.cli import main
+
+    work = tiny_t2i.parent
+    assert main(["zoo", "export", "shapes-t2i", "--work-dir", str(work), "--out", str(tmp_path / "ema")]) == 0
+    assert "step 4 of 4 (ema weights)" in capsys.readouterr().out
+    final, ema = _weights(tiny_t2i), _weights(tmp_path / "ema")
+    assert final.keys() == ema.keys() and all(torch.equal(final[k], ema[k]) for k in final)
+    assert main(["zoo", "export", "shapes-t2i", "--work-dir", str(work), "--no-ema"]) == 0
+    raw = _weights(work / "exports" / "step4-raw")
+    assert any(not torch.equal(final[k], raw[k]) for k in final)
+    # not a run, a run of another model, an unknown model: exit 2 with a message, nothing written
+    assert main(["zoo", "export", "shapes-t2i", "--work-dir", str(tmp_path / "none")]) == 2
+    assert "recipe.json" in capsys.readouterr().err
+    assert main(["zoo", "export", "shapes-t2v", "--work-dir", str(work), "--out", str(tmp_path / "x")]) == 2
+    assert "shapes-t2i run, not shapes-t2v" in capsys.readouterr().err
+    assert main(["zoo", "export", "dlm-tasks", "--work-dir", str(work), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_recipe_round_trips_through_its_json():
+    from pipelines.zoo.recipes import RECIPES, Recipe
+
+    for r in RECIPES.values():
+        assert Recipe.from_dict(json.loads(json.dumps(vars(r), default=list))) == r
+    with pytest.raises(ValueError, match="unknown fields \\['vae_size'\\]"):
+        Recipe.from_dict({**vars(RECIPES["shapes-t2i"]), "vae_size": 3})
+
+
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     recipe = tiny_recipe("shapes-t2i").replace(steps=4, checkpoint_every=2)
     straight = train(recipe, tmp_path / "a", progress=False)

@@ -97,6 +97,18 @@ class Recipe:
     def replace(self, **kw) -> Recipe:
         return dataclasses.replace(self, **kw)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        """The recipe a training run recorded (`WORK/recipe.json`; JSON turned its tuples into lists).
+
+            >>> Recipe.from_dict(vars(RECIPES["shapes-t2i"])) == RECIPES["shapes-t2i"]    # True
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"not a reference-model recipe: unknown fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 RECIPES: dict[str, Recipe] = {
     # the text head (text_aux_weight) is what made multi-object scenes bind: trained without it, the same

@@ -457,10 +457,20 @@ def train_denoiser(r: Recipe, parts: dict, latents, captions, work: Path, progre
 
 # --------------------------------------------------------------------------- driver
 
+def run_recipe(work_dir) -> Recipe:
+    """The recipe a run in `work_dir` was started with (its `recipe.json`)."""
+    path = Path(work_dir) / "recipe.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {work_dir} is not the work dir of `accel zoo train`")
+    return Recipe.from_dict(json.loads(path.read_text()))
+
+
 def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
-    """The pipeline at the latest denoiser checkpoint of a (possibly unfinished) run, EMA weights by default."""
-    r = _recipe(name_or_recipe)
+    """The pipeline at the latest denoiser checkpoint of a (possibly unfinished) run, EMA weights by default.
+
+    `name_or_recipe` None reads the run's own recipe (`run_recipe`)."""
     work = Path(work_dir)
+    r = run_recipe(work) if name_or_recipe is None else _recipe(name_or_recipe)
     if not (work / "denoiser" / "meta.json").exists():
         raise FileNotFoundError(f"no denoiser checkpoint in {work}")
     parts = build_components(r)
