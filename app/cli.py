@@ -161,7 +161,7 @@ def _zoo_export(args: argparse.Namespace) -> int:
     step = json.loads(meta.read_text())["step"]
     weights = "raw" if args.no_ema else "ema"
     out = Path(args.out) if args.out else work / "exports" / f"step{step}-{weights}"
-    pipe = pipeline_from_checkpoint(None, work, ema=not args.no_ema)
+    pipe = pipeline_from_checkpoint(recipe, work, ema=not args.no_ema)
     pipe.save_pretrained(out, safe_serialization=True)
     print(f"step {step} of {recipe.steps} ({weights} weights) written to {out}; "
           f"score it with: accel zoo eval {args.name} --path {out}")

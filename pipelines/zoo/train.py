@@ -468,9 +468,9 @@ def run_recipe(work_dir) -> Recipe:
 def pipeline_from_checkpoint(name_or_recipe, work_dir, ema: bool = True):
     """The pipeline at the latest denoiser checkpoint of a (possibly unfinished) run, EMA weights by default.
 
-    `name_or_recipe` None reads the run's own recipe (`run_recipe`)."""
+    A run trained with a modified recipe needs that recipe: `run_recipe(work_dir)` reads it back."""
+    r = _recipe(name_or_recipe)
     work = Path(work_dir)
-    r = run_recipe(work) if name_or_recipe is None else _recipe(name_or_recipe)
     if not (work / "denoiser" / "meta.json").exists():
         raise FileNotFoundError(f"no denoiser checkpoint in {work}")
     parts = build_components(r)
